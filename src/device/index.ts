@@ -1,0 +1,5 @@
+export * from './types.js';
+export * from './validate.js';
+export * from './filter.js';
+export * from './size.js';
+export * from './stack.js';

@@ -1,0 +1,62 @@
+import { BlockError } from '../errors/index.js';
+import type { BlockDevice } from './types.js';
+
+/**
+ * A plain description of one layer: its `type` (a registered backend or filter name)
+ * and its own settings, e.g. `{ type: 'memory', size: '1G' }`.
+ */
+export interface LayerDescription {
+  readonly type: string;
+  readonly [key: string]: unknown;
+}
+
+/**
+ * A device stack as plain data (what a config file holds): the backend at the bottom
+ * and the filters above it, listed top (nearest the client) first.
+ */
+export interface StackDescription {
+  readonly backend: LayerDescription;
+  readonly filters?: readonly LayerDescription[];
+}
+
+/** Makes a backend from its description. Throws BlockError EINVAL naming bad settings. */
+export type BackendFactory = (desc: LayerDescription) => Promise<BlockDevice> | BlockDevice;
+/** Makes a filter over `next` from its description. */
+export type FilterFactory = (next: BlockDevice, desc: LayerDescription) => Promise<BlockDevice> | BlockDevice;
+
+/** The backends and filters a stack may name. */
+export interface StackRegistry {
+  readonly backends: ReadonlyMap<string, BackendFactory>;
+  readonly filters: ReadonlyMap<string, FilterFactory>;
+}
+
+/**
+ * Builds a device stack: the backend first, then the filters from the bottom of the
+ * list (nearest the backend) up. If a layer fails to build, the layers already built
+ * are closed before the error is thrown.
+ */
+export async function buildStack(desc: StackDescription, registry: StackRegistry): Promise<BlockDevice> {
+  const makeBackend = registry.backends.get(desc.backend.type);
+  if (!makeBackend) {
+    throw new BlockError(
+      'EINVAL',
+      `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`,
+    );
+  }
+  let dev = await makeBackend(desc.backend);
+  const filters = desc.filters ?? [];
+  try {
+    for (let i = filters.length - 1; i >= 0; i--) {
+      const f = filters[i]!;
+      const makeFilter = registry.filters.get(f.type);
+      if (!makeFilter) {
+        throw new BlockError('EINVAL', `unknown filter '${f.type}' (known: ${[...registry.filters.keys()].join(', ')})`);
+      }
+      dev = await makeFilter(dev, f);
+    }
+  } catch (e) {
+    await dev.close().catch(() => undefined);
+    throw e;
+  }
+  return dev;
+}

@@ -1,0 +1,48 @@
+import { ERRNO, type ErrnoCode, isErrnoCode, linuxErrno } from './errno.js';
+
+/**
+ * The one error class of the device stack. It carries a symbolic errno `code` (stable,
+ * what tests and protocols look at), the Linux `errno` number, and a human message that
+ * may be sent to a client (NBD structured ERROR chunks carry it). The original error,
+ * if any, is kept as `cause`.
+ *
+ * Backends and filters throw it (or let Node's own errors through, which
+ * {@link toBlockError} converts); protocol frontends turn it into a wire error reply.
+ */
+export class BlockError extends Error {
+  override readonly name = 'BlockError';
+  /** Symbolic errno, e.g. `'EIO'`. */
+  readonly code: ErrnoCode;
+  /** The Linux errno number of `code`. */
+  readonly errno: number;
+  /** For ERROR_OFFSET replies: the first offset that failed, when known. */
+  readonly offset: number | undefined;
+
+  constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number }) {
+    super(message ?? ERRNO[code].message, options?.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.errno = linuxErrno(code);
+    this.offset = options?.offset;
+  }
+}
+
+/** True for a BlockError (also across module copies, by duck typing on name and code). */
+export function isBlockError(e: unknown): e is BlockError {
+  return e instanceof BlockError;
+}
+
+/**
+ * Converts anything thrown below the protocol edge into a BlockError: BlockErrors pass
+ * through, Node system errors keep their errno code when the table knows it, everything
+ * else (a bug, a plain Error) becomes EIO with the original as cause, so that no failure
+ * is swallowed or turned into a disconnect.
+ */
+export function toBlockError(e: unknown): BlockError {
+  if (e instanceof BlockError) return e;
+  if (e instanceof Error) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (isErrnoCode(code)) return new BlockError(code, e.message, { cause: e });
+    return new BlockError('EIO', e.message, { cause: e });
+  }
+  return new BlockError('EIO', String(e), { cause: e });
+}
