@@ -1,0 +1,365 @@
+/**
+ * The file backend: a regular file or a block device, accessed with positional I/O.
+ *
+ * I/O goes through the callback `fs.read` / `fs.write` / `fs.fdatasync`, each wrapped in
+ * a promise here. `FileHandle` (fs/promises) did 1.7-1.9x fewer operations per second in
+ * our measurements (shared/reference/node-performance.md 1.4, 2.3). One fd is shared by
+ * every connection of the process, so all of them see the same data and one fdatasync
+ * covers every write: multi-conn is safe.
+ *
+ * Short reads and writes are retried from where they stopped; a read that hits end of
+ * file (the file shrank under the device) or a write that makes no progress is EIO,
+ * never success (ggated's rule, reference FL5).
+ *
+ * Decisions about trim and zero: Node 20 has no fallocate(PUNCH_HOLE | ZERO_RANGE) and no
+ * SEEK_DATA/SEEK_HOLE without a native addon (reference 2.4), so for now
+ * - zero() writes zeroes in ZERO_CHUNK_SIZE chunks from one shared zero buffer, and
+ *   zero() with FAST_ZERO fails EOPNOTSUPP at once (capability fastZero: false), as the
+ *   NBD spec asks of a server that cannot zero faster than writing;
+ * - trim() is a hint that succeeds and does nothing (contents after a trim are
+ *   unspecified, so keeping them is correct); capability trim stays true;
+ * - extents() reports one data extent (capability extents: false).
+ * A later change may add a small native helper (koffi or fs-native-extensions) for
+ * punch-hole, ZERO_RANGE and SEEK_DATA, keeping these as the fallback.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import * as v from 'valibot';
+import { BlockError, toBlockError } from '../errors/index.js';
+import { formatSize } from '../device/size.js';
+import { REQ, type BlockDevice, type Capabilities, type Extent } from '../device/types.js';
+import type { LayerDescription } from '../device/stack.js';
+import {
+  DEFAULT_BLOCK_SIZE,
+  booleanSetting,
+  closedError,
+  parseSettings,
+  readOnlyCapabilities,
+  readOnlyError,
+  settingsSchema,
+  singleExtent,
+  sizeSetting,
+} from './common.js';
+
+/**
+ * zero() writes at most this many bytes per fs.write: 1 MiB, large enough to amortise
+ * the thread-pool round trip, small enough that one shared buffer costs little.
+ */
+export const ZERO_CHUNK_SIZE = 2 ** 20;
+
+/**
+ * cache() reads ahead through a scratch buffer of at most this size, so that a large
+ * prefetch request never allocates in proportion to its length.
+ */
+export const CACHE_CHUNK_SIZE = 2 ** 20;
+
+/** The unit of /sys/class/block/<dev>/size (always 512-byte sectors on Linux). */
+export const SYSFS_SECTOR_SIZE = 512;
+
+/** Zeroes for zero(); shared by all devices, never written to (fs.write only reads it). */
+const ZERO_CHUNK = Buffer.alloc(ZERO_CHUNK_SIZE);
+
+const CAPABILITIES: Capabilities = Object.freeze({
+  write: true,
+  flush: true,
+  fua: true,
+  trim: true,
+  zero: true,
+  fastZero: false,
+  extents: false,
+  cache: true,
+  multiConn: true,
+});
+
+/** Settings of a file device. */
+export interface FileOptions {
+  /** Path of a regular file or a block device. */
+  readonly path: string;
+  /**
+   * For a regular file: the device size. A shorter file is extended (sparse) to it; a
+   * longer one is an error (blockgate never truncates data). Not allowed for block
+   * devices.
+   * @default the file's size
+   */
+  readonly size?: number;
+  /**
+   * Create the file if it does not exist.
+   * @default false
+   */
+  readonly create?: boolean;
+  /**
+   * Open O_RDONLY; writes, trims and zeroes fail EPERM.
+   * @default false
+   */
+  readonly readonly?: boolean;
+}
+
+function pread(fd: number, buf: Buffer, at: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, at, length, position, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function pwrite(fd: number, buf: Buffer, at: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, at, length, position, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.fdatasync(fd, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+function openFd(file: string, flags: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.open(file, flags, 0o666, (err, fd) => (err ? reject(err) : resolve(fd)));
+  });
+}
+
+function closeFd(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.close(fd, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+function fstat(fd: number): Promise<fs.Stats> {
+  return new Promise((resolve, reject) => {
+    fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st)));
+  });
+}
+
+function ftruncate(fd: number, length: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.ftruncate(fd, length, (err) => (err ? reject(err) : resolve()));
+  });
+}
+
+/** A Node error of an I/O call as a BlockError that keeps its errno and names the offset. */
+function ioError(e: unknown, op: string, offset: number): BlockError {
+  const b = toBlockError(e);
+  return new BlockError(b.code, `${op} at offset ${offset}: ${b.message}`, { cause: e, offset });
+}
+
+/**
+ * The size of a block device: Node's stat reports 0 for most, so fall back to sysfs
+ * (`/sys/class/block/<name>/size`, in 512-byte sectors) of the resolved device node.
+ */
+async function blockDeviceSize(file: string, st: fs.Stats): Promise<number> {
+  if (st.size > 0) return st.size;
+  const name = path.basename(await fs.promises.realpath(file));
+  try {
+    const sectors = Number((await fs.promises.readFile(`/sys/class/block/${name}/size`, 'utf8')).trim());
+    if (Number.isSafeInteger(sectors) && sectors >= 0) return sectors * SYSFS_SECTOR_SIZE;
+  } catch {
+    // Reported below.
+  }
+  throw new BlockError('EINVAL', `file: path: cannot determine the size of block device '${file}'`);
+}
+
+/** A regular file or block device, shared by every connection through one fd. */
+export class FileDevice implements BlockDevice {
+  readonly size: number;
+  readonly capabilities: Capabilities;
+  readonly blockSize = DEFAULT_BLOCK_SIZE;
+  readonly nonBlocking = false;
+  readonly description: string;
+  /** The path the device was opened from. */
+  readonly path: string;
+
+  #fd: number;
+  #readonly: boolean;
+  #closed = false;
+  /** Operations started and not yet settled; close() waits for them before closing the fd. */
+  #inflight = 0;
+  #onIdle: (() => void) | undefined;
+
+  private constructor(file: string, fd: number, size: number, readonly: boolean) {
+    this.path = file;
+    this.#fd = fd;
+    this.size = size;
+    this.#readonly = readonly;
+    this.capabilities = readonly ? readOnlyCapabilities(CAPABILITIES) : CAPABILITIES;
+    this.description = `file ${file} ${formatSize(size)}${readonly ? ' (read-only)' : ''}`;
+  }
+
+  /** Opens (and with `create`/`size`, creates or extends) the file. */
+  static async open(options: FileOptions): Promise<FileDevice> {
+    const { path: file, size, create = false, readonly = false } = options;
+    if (readonly && create) throw new BlockError('EINVAL', 'file: create: cannot create a file opened read-only');
+    const flags = (readonly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (create ? fs.constants.O_CREAT : 0);
+    let fd: number;
+    try {
+      fd = await openFd(file, flags);
+    } catch (e) {
+      const b = toBlockError(e);
+      throw new BlockError(b.code, `file: path: cannot open '${file}': ${b.message}`, { cause: e });
+    }
+    try {
+      const st = await fstat(fd);
+      let devSize: number;
+      if (st.isFile()) {
+        devSize = st.size;
+        if (size !== undefined && size !== st.size) {
+          if (size < st.size) {
+            throw new BlockError(
+              'EINVAL',
+              `file: size: ${formatSize(size)} is smaller than the existing file (${formatSize(st.size)}); files are never truncated`,
+            );
+          }
+          if (readonly) throw new BlockError('EINVAL', `file: size: cannot extend '${file}' opened read-only`);
+          await ftruncate(fd, size);
+          devSize = size;
+        }
+      } else if (st.isBlockDevice()) {
+        if (size !== undefined) throw new BlockError('EINVAL', `file: size: block device '${file}' cannot be resized`);
+        devSize = await blockDeviceSize(file, st);
+      } else {
+        throw new BlockError('EINVAL', `file: path: '${file}' is not a regular file or block device`);
+      }
+      return new FileDevice(file, fd, devSize, readonly);
+    } catch (e) {
+      await closeFd(fd).catch(() => undefined);
+      throw toBlockError(e);
+    }
+  }
+
+  read(buf: Buffer, offset: number, _flags: number): Promise<void> {
+    return this.#run('read', () => this.#readFully(buf, offset));
+  }
+
+  write(data: Buffer, offset: number, flags: number): Promise<void> {
+    return this.#runWritable('write', async () => {
+      await this.#writeFully(data, offset);
+      if (flags & REQ.FUA) await this.#sync('write');
+    });
+  }
+
+  flush(_flags: number): Promise<void> {
+    return this.#run('flush', () => this.#sync('flush'));
+  }
+
+  /** A hint that does nothing for now (see the module comment). */
+  trim(_offset: number, _length: number, _flags: number): Promise<void> {
+    return this.#runWritable('trim', async () => undefined);
+  }
+
+  /** Writes zeroes; FAST_ZERO fails EOPNOTSUPP at once since that is all it can do. */
+  zero(offset: number, length: number, flags: number): Promise<void> {
+    return this.#runWritable('zero', async () => {
+      if (flags & REQ.FAST_ZERO) {
+        throw new BlockError('EOPNOTSUPP', 'zero: the file backend cannot zero faster than writing zeroes');
+      }
+      const end = offset + length;
+      for (let pos = offset; pos < end; pos += ZERO_CHUNK_SIZE) {
+        await this.#writeFully(ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK_SIZE, end - pos)), pos);
+      }
+      if (flags & REQ.FUA) await this.#sync('zero');
+    });
+  }
+
+  /** No allocation information without SEEK_DATA: one data extent. */
+  extents(offset: number, length: number, _flags: number): Promise<Extent[]> {
+    return this.#run('extents', async () => singleExtent(offset, length, this.size, 0));
+  }
+
+  /** Prefetches into the page cache by reading the range through a bounded scratch buffer. */
+  cache(offset: number, length: number, _flags: number): Promise<void> {
+    return this.#run('cache', async () => {
+      const scratch = Buffer.allocUnsafe(Math.min(CACHE_CHUNK_SIZE, length));
+      const end = offset + length;
+      for (let pos = offset; pos < end; pos += CACHE_CHUNK_SIZE) {
+        await this.#readFully(scratch.subarray(0, Math.min(CACHE_CHUNK_SIZE, end - pos)), pos);
+      }
+    });
+  }
+
+  /** Waits for operations in flight, then closes the fd. Calling it again does nothing. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#inflight > 0) await new Promise<void>((resolve) => (this.#onIdle = resolve));
+    try {
+      await closeFd(this.#fd);
+    } catch (e) {
+      throw ioError(e, 'close', 0);
+    }
+  }
+
+  /**
+   * Runs one operation: rejects it on a closed device, and counts it in flight so that
+   * close() never closes the fd (whose number the kernel could hand to another file)
+   * under a running operation.
+   */
+  async #run<T>(op: string, fn: () => Promise<T>): Promise<T> {
+    if (this.#closed) throw closedError(op, this.description);
+    this.#inflight++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.#inflight === 0 && this.#onIdle) this.#onIdle();
+    }
+  }
+
+  #runWritable<T>(op: string, fn: () => Promise<T>): Promise<T> {
+    if (this.#readonly && !this.#closed) return Promise.reject(readOnlyError(op, this.description));
+    return this.#run(op, fn);
+  }
+
+  async #readFully(buf: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      let n: number;
+      try {
+        n = await pread(this.#fd, buf, done, buf.length - done, offset + done);
+      } catch (e) {
+        throw ioError(e, 'read', offset + done);
+      }
+      if (n === 0) {
+        throw new BlockError('EIO', `read: unexpected end of file at offset ${offset + done} (the file shrank?)`, {
+          offset: offset + done,
+        });
+      }
+      done += n;
+    }
+  }
+
+  async #writeFully(data: Buffer, offset: number): Promise<void> {
+    let done = 0;
+    while (done < data.length) {
+      let n: number;
+      try {
+        n = await pwrite(this.#fd, data, done, data.length - done, offset + done);
+      } catch (e) {
+        throw ioError(e, 'write', offset + done);
+      }
+      if (n === 0) {
+        throw new BlockError('EIO', `write: no progress at offset ${offset + done}`, { offset: offset + done });
+      }
+      done += n;
+    }
+  }
+
+  async #sync(op: string): Promise<void> {
+    try {
+      await fdatasync(this.#fd);
+    } catch (e) {
+      const b = toBlockError(e);
+      throw new BlockError(b.code, `${op}: fdatasync failed: ${b.message}`, { cause: e });
+    }
+  }
+}
+
+const fileSettings = settingsSchema({
+  path: v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
+  size: v.optional(sizeSetting),
+  create: booleanSetting,
+  readonly: booleanSetting,
+});
+
+/** Backend factory: `{ type: 'file', path, size?, create?, readonly? }`. */
+export async function fileBackend(desc: LayerDescription): Promise<FileDevice> {
+  const s = parseSettings('file', fileSettings, desc);
+  return await FileDevice.open({ path: s.path, size: s.size, create: s.create ?? false, readonly: s.readonly ?? false });
+}

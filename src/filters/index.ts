@@ -1,0 +1,2 @@
+export * from './readonly.js';
+export * from './registry.js';
