@@ -1,3 +1,22 @@
 /** The library surface of blockgate: `import { ... } from 'blockgate'`. */
 export * from './errors/index.js';
+export * from './errseq/index.js';
 export * from './device/index.js';
+export {
+  MemoryDevice,
+  memoryBackend,
+  FileDevice,
+  fileBackend,
+  NullDevice,
+  nullBackend,
+  PatternDevice,
+  patternBackend,
+  patternByte,
+  fillPattern,
+  BACKENDS,
+} from './backends/index.js';
+export type { MemoryOptions, FileOptions, NullOptions, PatternOptions } from './backends/index.js';
+export { ReadonlyFilter, readonlyFilter, FILTERS, defaultRegistry, createStack } from './filters/index.js';
+export * from './nbd/constants.js';
+export { Export, NbdServer, NbdSession, DEFAULT_LIMITS } from './server/index.js';
+export type { ExportOptions, ServerLimits, NbdServerOptions, ListenAddress, SessionStatus } from './server/index.js';

@@ -5,17 +5,30 @@
  */
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
+import { serveCommand } from './serve.js';
 
-const require = createRequire(import.meta.url);
-const pkg = require('../../../package.json') as { version: string };
+/** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
+function packageVersion(): string {
+  const require = createRequire(import.meta.url);
+  for (const rel of ['../../package.json', '../../../package.json']) {
+    try {
+      const pkg = require(rel) as { name?: string; version?: string };
+      if (pkg.name === 'blockgate' && pkg.version) return pkg.version;
+    } catch {
+      // not at this depth
+    }
+  }
+  return 'unknown';
+}
 
 export function makeProgram(): Command {
   const program = new Command();
   program
     .name('blockgate')
     .description('Userland block-device gateway: NBD server, GEOM Gate tools, errseq write-back errors')
-    .version(pkg.version)
+    .version(packageVersion())
     .showHelpAfterError();
+  program.addCommand(serveCommand());
   return program;
 }
 

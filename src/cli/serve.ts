@@ -1,0 +1,177 @@
+/**
+ * `blockgate serve`: builds the exports from the command line or a config file, serves
+ * them over NBD, and shuts down gracefully on SIGINT/SIGTERM. `--run` is nbdkit's
+ * captive mode: serve on a private unix socket, run a command with `$uri` set, and exit
+ * with the command's status.
+ */
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Command, Option } from 'commander';
+import pino, { type Logger } from 'pino';
+import { createStack } from '../filters/registry.js';
+import { Export, NbdServer, type ListenAddress } from '../server/index.js';
+import { BlockError } from '../errors/index.js';
+import {
+  DEFAULT_EXPORT_SPEC,
+  DEFAULT_HOST,
+  DEFAULT_PORT,
+  LOG_LEVELS,
+  parseConfig,
+  parseExportSpec,
+  type ServeConfig,
+} from './config.js';
+
+interface ServeFlags {
+  config?: string;
+  address: string[];
+  port: string;
+  unix?: string;
+  readOnly?: boolean;
+  defaultExport?: string;
+  description?: string;
+  printUri?: boolean;
+  run?: string;
+  logLevel: string;
+}
+
+/** An NBD URI for an address and export name (doc/uri.md). */
+export function nbdUri(addr: ListenAddress, exportName: string): string {
+  const name = encodeURIComponent(exportName).replace(/%2F/g, '/');
+  if ('path' in addr) return `nbd+unix:///${name}?socket=${encodeURIComponent(addr.path)}`;
+  const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
+  return `nbd://${host}:${addr.port}/${name}`;
+}
+
+/** Turns command-line flags into a config (the same shape `--config` files have). */
+export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig {
+  if (flags.config) {
+    if (specs.length > 0) throw new BlockError('EINVAL', 'give exports either on the command line or in --config, not both');
+    let raw: unknown;
+    try {
+      raw = JSON.parse(fs.readFileSync(flags.config, 'utf8'));
+    } catch (e) {
+      throw new BlockError('EINVAL', `${flags.config}: ${(e as Error).message}`, { cause: e });
+    }
+    const cfg = parseConfig(raw, flags.config);
+    return { ...cfg, logLevel: cfg.logLevel ?? (flags.logLevel as ServeConfig['logLevel']) };
+  }
+  const exports = (specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC]).map((s) => parseExportSpec(s, flags.readOnly));
+  if (flags.description && exports[0]) exports[0] = { ...exports[0], description: flags.description };
+  const port = Number(flags.port);
+  const listen: NonNullable<ServeConfig['listen']> = [];
+  if (flags.unix) listen.push({ path: flags.unix });
+  else for (const host of flags.address) listen.push({ host, port });
+  return parseConfig(
+    { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
+    'command line',
+  );
+}
+
+/** Builds every export's device stack; on failure closes what was built. */
+export async function buildExports(cfg: ServeConfig): Promise<Export[]> {
+  const built: Export[] = [];
+  try {
+    for (const e of cfg.exports) {
+      const device = await createStack({ backend: e.backend, filters: e.filters ?? [] });
+      built.push(new Export({ name: e.name, device, readOnly: e.readOnly ?? false, ...(e.description !== undefined ? { description: e.description } : {}) }));
+    }
+  } catch (e) {
+    await Promise.all(built.map((x) => x.device.close().catch(() => undefined)));
+    throw e;
+  }
+  return built;
+}
+
+function makeLogger(level: string): Logger {
+  return pino({ level, base: { pid: process.pid } }, pino.destination({ dest: 2, sync: true }));
+}
+
+async function serve(specs: string[], flags: ServeFlags): Promise<number> {
+  if (flags.run && (flags.unix || flags.address.length > 1)) {
+    throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
+  }
+  const cfg = configFromFlags(specs, flags);
+  const log = makeLogger(cfg.logLevel ?? 'info');
+  const exports = await buildExports(cfg);
+  const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
+  const defaultName = cfg.defaultExport ?? exports[0]!.name;
+
+  let tmpDir: string | null = null;
+  const listen: ListenAddress[] = [];
+  if (flags.run) {
+    tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-'));
+    listen.push({ path: path.join(tmpDir, 'nbd.sock') });
+  } else {
+    listen.push(...(cfg.listen && cfg.listen.length > 0 ? cfg.listen : [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]));
+  }
+  const bound: ListenAddress[] = [];
+  for (const a of listen) bound.push(await server.listen(a));
+  for (const a of bound) log.info({ uri: nbdUri(a, defaultName), exports: exports.map((e) => e.name) }, 'listening');
+  if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!, defaultName)}\n`);
+
+  const stop = async (): Promise<void> => {
+    await server.close();
+    await Promise.all(exports.map((e) => e.device.close().catch((err: unknown) => log.error({ err }, 'close failed'))));
+    if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
+  };
+
+  if (flags.run) {
+    const uri = nbdUri(bound[0]!, defaultName);
+    const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env: { ...process.env, uri, nbd: uri } });
+    const forward = (sig: NodeJS.Signals) => child.kill(sig);
+    process.on('SIGINT', forward);
+    process.on('SIGTERM', forward);
+    const status = await new Promise<number>((resolve) => {
+      child.on('error', (err) => {
+        log.error({ err }, '--run: cannot start the command');
+        resolve(127);
+      });
+      child.on('exit', (code, signal) => resolve(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
+    });
+    await stop();
+    return status;
+  }
+
+  await new Promise<void>((resolve) => {
+    const onSignal = (sig: NodeJS.Signals) => {
+      log.info({ signal: sig }, 'shutting down');
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
+      resolve();
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+  await stop();
+  return 0;
+}
+
+export function serveCommand(): Command {
+  return new Command('serve')
+    .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
+    .argument(
+      '[export...]',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH), NAME=... to name one',
+    )
+    .option('-c, --config <file>', 'JSON configuration file (exports, filters, listeners); see docs/CONFIG.md')
+    .option('-a, --address <host>', 'listen on this address (repeatable; IPv6 allowed)', (v: string, prev: string[]) => [...prev, v], [] as string[])
+    .option('-p, --port <port>', 'TCP port', String(DEFAULT_PORT))
+    .option('-U, --unix <path>', 'listen on a unix socket instead of TCP')
+    .option('-r, --read-only', 'serve the exports read-only')
+    .option('-e, --default-export <name>', "export given to clients that ask for ''")
+    .option('-D, --description <text>', 'description of the first export')
+    .option('--print-uri', 'print the NBD URI of the default export once listening')
+    .option('--run <command>', "captive mode: serve on a private unix socket, run COMMAND with $uri set, exit with its status")
+    .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
+    .action(async (specs: string[], flags: ServeFlags) => {
+      if (flags.address.length === 0) flags.address = [DEFAULT_HOST];
+      try {
+        process.exitCode = await serve(specs, flags);
+      } catch (e) {
+        process.stderr.write(`blockgate serve: ${(e as Error).message}\n`);
+        process.exitCode = 1;
+      }
+    });
+}

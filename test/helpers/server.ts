@@ -1,0 +1,49 @@
+/**
+ * A captive in-process NBD server for tests: exports built from plain descriptions,
+ * listening on a private unix socket (no port races), closed by the test's `after`.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { createStack } from '../../src/filters/registry.js';
+import type { StackDescription } from '../../src/device/index.js';
+import { Export, NbdServer, type ServerLimits } from '../../src/server/index.js';
+import { nbdUri } from '../../src/cli/serve.js';
+
+export interface TestExport extends StackDescription {
+  readonly name: string;
+  readonly readOnly?: boolean;
+  readonly description?: string;
+}
+
+export interface CaptiveServer {
+  readonly server: NbdServer;
+  readonly exports: Export[];
+  readonly socket: string;
+  /** nbd+unix URI of an export ('' = default). */
+  uri(name?: string): string;
+  close(): Promise<void>;
+}
+
+export async function startServer(exports: TestExport[], limits?: Partial<ServerLimits>): Promise<CaptiveServer> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-test-'));
+  const socket = path.join(dir, 'nbd.sock');
+  const built: Export[] = [];
+  for (const e of exports) {
+    const device = await createStack({ backend: e.backend, filters: e.filters ?? [] });
+    built.push(new Export({ name: e.name, device, readOnly: e.readOnly ?? false, ...(e.description ? { description: e.description } : {}) }));
+  }
+  const server = new NbdServer({ exports: built, ...(limits ? { limits } : {}) });
+  await server.listen({ path: socket });
+  return {
+    server,
+    exports: built,
+    socket,
+    uri: (name = built[0]!.name) => nbdUri({ path: socket }, name),
+    async close() {
+      await server.close(2000);
+      await Promise.all(built.map((e) => e.device.close().catch(() => undefined)));
+      fs.rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
