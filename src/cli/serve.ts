@@ -13,6 +13,7 @@ import pino, { type Logger } from 'pino';
 import { createStack } from '../filters/registry.js';
 import { Export, NbdServer, type ListenAddress } from '../server/index.js';
 import { BlockError } from '../errors/index.js';
+import { newStackContext } from '../device/index.js';
 import {
   DEFAULT_EXPORT_SPEC,
   DEFAULT_HOST,
@@ -74,8 +75,17 @@ export async function buildExports(cfg: ServeConfig): Promise<Export[]> {
   const built: Export[] = [];
   try {
     for (const e of cfg.exports) {
-      const device = await createStack({ backend: e.backend, filters: e.filters ?? [] });
-      built.push(new Export({ name: e.name, device, readOnly: e.readOnly ?? false, ...(e.description !== undefined ? { description: e.description } : {}) }));
+      const ctx = newStackContext();
+      const device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
+      built.push(
+        new Export({
+          name: e.name,
+          device,
+          errseq: ctx.errseq,
+          readOnly: e.readOnly ?? false,
+          ...(e.description !== undefined ? { description: e.description } : {}),
+        }),
+      );
     }
   } catch (e) {
     await Promise.all(built.map((x) => x.device.close().catch(() => undefined)));

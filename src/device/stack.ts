@@ -1,5 +1,21 @@
 import { BlockError } from '../errors/index.js';
+import { ErrSeq } from '../errseq/index.js';
 import type { BlockDevice } from './types.js';
+
+/**
+ * What every layer of one export's stack shares: the export's write-back error
+ * sequence. A layer that fails where no client gets the failure as the reply to its own
+ * request (a background write-back, say) records it here with `errseq.set`, and every
+ * session of the export hears of it once, at its next FLUSH.
+ */
+export interface StackContext {
+  readonly errseq: ErrSeq;
+}
+
+/** A fresh context, for stacks built outside an export (tests, tools). */
+export function newStackContext(): StackContext {
+  return { errseq: new ErrSeq() };
+}
 
 /**
  * A plain description of one layer: its `type` (a registered backend or filter name)
@@ -20,9 +36,13 @@ export interface StackDescription {
 }
 
 /** Makes a backend from its description. Throws BlockError EINVAL naming bad settings. */
-export type BackendFactory = (desc: LayerDescription) => Promise<BlockDevice> | BlockDevice;
+export type BackendFactory = (desc: LayerDescription, ctx: StackContext) => Promise<BlockDevice> | BlockDevice;
 /** Makes a filter over `next` from its description. */
-export type FilterFactory = (next: BlockDevice, desc: LayerDescription) => Promise<BlockDevice> | BlockDevice;
+export type FilterFactory = (
+  next: BlockDevice,
+  desc: LayerDescription,
+  ctx: StackContext,
+) => Promise<BlockDevice> | BlockDevice;
 
 /** The backends and filters a stack may name. */
 export interface StackRegistry {
@@ -35,7 +55,11 @@ export interface StackRegistry {
  * list (nearest the backend) up. If a layer fails to build, the layers already built
  * are closed before the error is thrown.
  */
-export async function buildStack(desc: StackDescription, registry: StackRegistry): Promise<BlockDevice> {
+export async function buildStack(
+  desc: StackDescription,
+  registry: StackRegistry,
+  ctx: StackContext = newStackContext(),
+): Promise<BlockDevice> {
   const makeBackend = registry.backends.get(desc.backend.type);
   if (!makeBackend) {
     throw new BlockError(
@@ -43,7 +67,7 @@ export async function buildStack(desc: StackDescription, registry: StackRegistry
       `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`,
     );
   }
-  let dev = await makeBackend(desc.backend);
+  let dev = await makeBackend(desc.backend, ctx);
   const filters = desc.filters ?? [];
   try {
     for (let i = filters.length - 1; i >= 0; i--) {
@@ -52,7 +76,7 @@ export async function buildStack(desc: StackDescription, registry: StackRegistry
       if (!makeFilter) {
         throw new BlockError('EINVAL', `unknown filter '${f.type}' (known: ${[...registry.filters.keys()].join(', ')})`);
       }
-      dev = await makeFilter(dev, f);
+      dev = await makeFilter(dev, f, ctx);
     }
   } catch (e) {
     await dev.close().catch(() => undefined);

@@ -1,6 +1,12 @@
 /** The default registry: every built-in backend and filter, by the name a stack uses. */
 import { BACKENDS } from '../backends/index.js';
-import { buildStack, type FilterFactory, type StackDescription, type StackRegistry } from '../device/stack.js';
+import {
+  buildStack,
+  type FilterFactory,
+  type StackContext,
+  type StackDescription,
+  type StackRegistry,
+} from '../device/stack.js';
 import type { BlockDevice } from '../device/types.js';
 import { readonlyFilter } from './readonly.js';
 
@@ -11,6 +17,6 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
 export const defaultRegistry: StackRegistry = Object.freeze({ backends: BACKENDS, filters: FILTERS });
 
 /** Builds a device stack from plain data with the built-in backends and filters. */
-export function createStack(desc: StackDescription): Promise<BlockDevice> {
-  return buildStack(desc, defaultRegistry);
+export function createStack(desc: StackDescription, ctx?: StackContext): Promise<BlockDevice> {
+  return buildStack(desc, defaultRegistry, ctx);
 }

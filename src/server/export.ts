@@ -11,6 +11,8 @@ export interface ExportOptions {
   readonly device: BlockDevice;
   /** Serve read-only even if the device can write. */
   readonly readOnly?: boolean;
+  /** The write-back error sequence the device stack was built with (see StackContext); default: a new one. */
+  readonly errseq?: ErrSeq;
 }
 
 /** What `blockgate status` shows of a session, obtained without consuming anything. */
@@ -39,7 +41,7 @@ export class Export {
   readonly description: string;
   readonly device: BlockDevice;
   readonly readOnly: boolean;
-  readonly errseq = new ErrSeq();
+  readonly errseq: ErrSeq;
   readonly #sessions = new Set<ExportSession>();
 
   constructor(opts: ExportOptions) {
@@ -47,6 +49,7 @@ export class Export {
     this.description = opts.description ?? opts.device.description;
     this.device = opts.device;
     this.readOnly = opts.readOnly === true || !opts.device.capabilities.write;
+    this.errseq = opts.errseq ?? new ErrSeq();
   }
 
   /** Called by a session when its handshake completes; returns the cursor to keep. */

@@ -5,7 +5,14 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { BlockError } from '../../src/errors/index.js';
 import { FilterDevice } from '../../src/device/filter.js';
-import { buildStack, type BackendFactory, type FilterFactory, type StackRegistry } from '../../src/device/stack.js';
+import {
+  buildStack,
+  newStackContext,
+  type BackendFactory,
+  type FilterFactory,
+  type StackContext,
+  type StackRegistry,
+} from '../../src/device/stack.js';
 import type { BlockDevice } from '../../src/device/types.js';
 import { BACKENDS, FileDevice, MemoryDevice } from '../../src/backends/index.js';
 import { FILTERS, ReadonlyFilter, createStack, defaultRegistry } from '../../src/filters/index.js';
@@ -30,8 +37,8 @@ function recordingRegistry(built: BlockDevice[]): StackRegistry {
   const backends = new Map<string, BackendFactory>(
     [...BACKENDS].map(([name, make]) => [
       name,
-      async (desc) => {
-        const dev = await make(desc);
+      async (desc, ctx) => {
+        const dev = await make(desc, ctx);
         built.push(dev);
         return dev;
       },
@@ -123,5 +130,36 @@ describe('buildStack with the real registry', () => {
       { code: 'EINVAL', message: /^readonly: extra: unknown setting/ },
     );
     await assert.rejects(built[0]!.read(Buffer.alloc(1), 0, 0), { code: 'EBADF' });
+  });
+});
+
+describe('stack context', () => {
+  test('every layer of a stack gets the same context, so they share the export errseq', async () => {
+    const seen: StackContext[] = [];
+    const registry: StackRegistry = {
+      backends: new Map<string, BackendFactory>([
+        [
+          'memory',
+          (desc, ctx) => {
+            seen.push(ctx);
+            return BACKENDS.get('memory')!(desc, ctx);
+          },
+        ],
+      ]),
+      filters: new Map<string, FilterFactory>([
+        [
+          'tag',
+          (next, _desc, ctx) => {
+            seen.push(ctx);
+            return new FilterDevice(next);
+          },
+        ],
+      ]),
+    };
+    const ctx = newStackContext();
+    const dev = await buildStack({ backend: { type: 'memory', size: '1M' }, filters: [{ type: 'tag' }, { type: 'tag' }] }, registry, ctx);
+    assert.equal(seen.length, 3);
+    assert.ok(seen.every((c) => c === ctx));
+    await dev.close();
   });
 });

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createStack } from '../../src/filters/registry.js';
-import type { StackDescription } from '../../src/device/index.js';
+import { newStackContext, type StackDescription } from '../../src/device/index.js';
 import { Export, NbdServer, type ServerLimits } from '../../src/server/index.js';
 import { nbdUri } from '../../src/cli/serve.js';
 
@@ -30,8 +30,17 @@ export async function startServer(exports: TestExport[], limits?: Partial<Server
   const socket = path.join(dir, 'nbd.sock');
   const built: Export[] = [];
   for (const e of exports) {
-    const device = await createStack({ backend: e.backend, filters: e.filters ?? [] });
-    built.push(new Export({ name: e.name, device, readOnly: e.readOnly ?? false, ...(e.description ? { description: e.description } : {}) }));
+    const ctx = newStackContext();
+    const device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
+    built.push(
+      new Export({
+        name: e.name,
+        device,
+        errseq: ctx.errseq,
+        readOnly: e.readOnly ?? false,
+        ...(e.description ? { description: e.description } : {}),
+      }),
+    );
   }
   const server = new NbdServer({ exports: built, ...(limits ? { limits } : {}) });
   await server.listen({ path: socket });
