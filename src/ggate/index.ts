@@ -1,0 +1,3 @@
+export * from './protocol.js';
+export * from './validate.js';
+export * from './exports.js';
