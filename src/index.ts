@@ -20,3 +20,5 @@ export { ReadonlyFilter, readonlyFilter, FILTERS, defaultRegistry, createStack }
 export * from './nbd/constants.js';
 export { Export, NbdServer, NbdSession, DEFAULT_LIMITS } from './server/index.js';
 export type { ExportOptions, ServerLimits, NbdServerOptions, ListenAddress, SessionStatus } from './server/index.js';
+export * from './gate/index.js';
+export * from './ggate/index.js';
