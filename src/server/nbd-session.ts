@@ -316,9 +316,12 @@ export class NbdSession implements ExportSession {
 
   #onClientFlags(flags: number): void {
     const known = NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE | NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES;
-    if ((flags & ~known) !== 0 || (flags & NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE) === 0) {
-      // Spec: the server MUST close on unknown client flags; blockgate speaks fixed newstyle only.
-      this.#log.info({ flags }, 'unsupported client flags, closing');
+    if ((flags & ~known) !== 0) {
+      // Spec: the server MUST close on unknown client flags. A client without
+      // C_FIXED_NEWSTYLE speaks plain newstyle (it SHOULD set it, but need not) and is
+      // served: it will send EXPORT_NAME, and hanging up on it would be a hard
+      // disconnect the spec does not allow.
+      this.#log.info({ flags }, 'unknown client flags, closing');
       return this.#hangUp();
     }
     this.#noZeroes = (flags & NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES) !== 0;
