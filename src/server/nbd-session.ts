@@ -554,7 +554,8 @@ export class NbdSession implements ExportSession {
       h.type === NBD_CMD.NBD_CMD_WRITE
         ? `write of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`
         : `${commandName(h.type)} does not take a payload`;
-    const code = h.type === NBD_CMD.NBD_CMD_WRITE ? 'EOVERFLOW' : 'EINVAL';
+    // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads and oversized payload-less requests.
+    const code = 'EINVAL';
     this.#begin(h, 0);
     this.#finish({ h, cost: 0 }, new WireError(new BlockError(code, msg)));
   }
