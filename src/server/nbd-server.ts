@@ -9,6 +9,7 @@ import { BlockError } from '../errors/index.js';
 import type { Export } from './export.js';
 import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './nbd-session.js';
+import { BufferPool } from './buffer-pool.js';
 
 /** Where to listen. */
 export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
@@ -27,6 +28,7 @@ export interface NbdServerOptions {
 export class NbdServer implements SessionHost {
   readonly limits: ServerLimits;
   readonly logger: Logger;
+  readonly pool = new BufferPool();
   readonly #exports = new Map<string, Export>();
   readonly #defaultName: string;
   readonly #servers: net.Server[] = [];

@@ -59,11 +59,14 @@ import {
 } from '../nbd/codec.js';
 import type { Export, ExportSession } from './export.js';
 import type { ServerLimits } from './limits.js';
+import type { BufferPool } from './buffer-pool.js';
 
 /** What a session needs from its server. */
 export interface SessionHost {
   readonly limits: ServerLimits;
   readonly logger: Logger;
+  /** Large buffers for payloads and read replies, shared by the server's sessions. */
+  readonly pool: BufferPool;
   /** The export for a name ('' = the default export), or undefined. */
   findExport(name: string): Export | undefined;
   /** Every export, for NBD_OPT_LIST. */
@@ -114,6 +117,8 @@ interface Request {
   readonly h: RequestHeader;
   /** Payload bytes counted against the in-flight budget. */
   readonly cost: number;
+  /** The pooled buffer holding a WRITE payload, returned to the pool when the request ends. */
+  readonly owner: Buffer | null;
 }
 
 /** An error reply: the NBD errno and a message for structured ERROR chunks. */
@@ -139,6 +144,8 @@ export class NbdSession implements ExportSession {
   readonly #scratch = Buffer.alloc(NBD_SIZE.EXTENDED_REQUEST);
   #scratchFill = 0;
   #body: Buffer | null = null;
+  /** The pooled buffer `#body` is a view of, when it came from the pool. */
+  #bodyOwner: Buffer | null = null;
   #bodyFill = 0;
   #skip = 0;
   #pendingChunks: Buffer[] = [];
@@ -260,6 +267,8 @@ export class NbdSession implements ExportSession {
           if (this.#bodyFill === 0 && end - pos >= body.length && this.#state === S.WRITE_PAYLOAD) {
             // The whole payload is in this chunk: use it in place ('data' chunks are never reused).
             this.#body = chunk.subarray(pos, pos + want);
+            if (this.#bodyOwner) this.#host.pool.put(this.#bodyOwner);
+            this.#bodyOwner = null;
             pos += want;
           } else {
             const n = Math.min(want, end - pos);
@@ -269,10 +278,12 @@ export class NbdSession implements ExportSession {
             if (this.#bodyFill < body.length) break;
           }
           const data = this.#body!;
+          const owner = this.#bodyOwner;
           this.#body = null;
+          this.#bodyOwner = null;
           this.#bodyFill = 0;
           if (this.#state === S.OPTION_DATA) this.#onOption(this.#option, data);
-          else this.#onWritePayload(data);
+          else this.#onWritePayload(data, owner);
           break;
         }
         case S.OPTION_SKIP:
@@ -533,17 +544,18 @@ export class NbdSession implements ExportSession {
       return;
     }
     this.#current = h;
-    if (h.length === 0) return this.#onWritePayload(Buffer.alloc(0));
-    this.#body = Buffer.allocUnsafe(h.length);
+    if (h.length === 0) return this.#onWritePayload(EMPTY, null);
+    this.#bodyOwner = this.#host.pool.get(h.length);
+    this.#body = this.#bodyOwner.subarray(0, h.length);
     this.#bodyFill = 0;
     this.#state = S.WRITE_PAYLOAD;
   }
 
-  #onWritePayload(data: Buffer): void {
+  #onWritePayload(data: Buffer, owner: Buffer | null): void {
     const h = this.#current!;
     this.#current = null;
     this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
-    this.#dispatch(h, data);
+    this.#dispatch(h, data, owner);
   }
 
   #onDiscarded(): void {
@@ -557,7 +569,7 @@ export class NbdSession implements ExportSession {
     // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads and oversized payload-less requests.
     const code = 'EINVAL';
     this.#begin(h, 0);
-    this.#finish({ h, cost: 0 }, new WireError(new BlockError(code, msg)));
+    this.#finish({ h, cost: 0, owner: null }, new WireError(new BlockError(code, msg)));
   }
 
   // -------------------------------------------------------------------------------
@@ -572,7 +584,7 @@ export class NbdSession implements ExportSession {
     }
   }
 
-  #dispatch(h: RequestHeader, payload: Buffer | null): void {
+  #dispatch(h: RequestHeader, payload: Buffer | null, owner: Buffer | null = null): void {
     if (h.type === NBD_CMD.NBD_CMD_DISC) {
       // No reply; finish what is in flight, then close.
       this.#log.debug('DISC');
@@ -582,7 +594,7 @@ export class NbdSession implements ExportSession {
       return;
     }
     const cost = payload ? payload.length : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload) : 0;
-    const req: Request = { h, cost };
+    const req: Request = { h, cost, owner };
     this.#begin(h, cost);
     const invalid = this.#validate(h, payload);
     if (invalid) return this.#finish(req, new WireError(invalid));
@@ -716,17 +728,23 @@ export class NbdSession implements ExportSession {
       this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
       : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
       : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
-    const buf = Buffer.allocUnsafe(prefix + len);
+    const owner = this.#host.pool.get(prefix + len);
+    const buf = owner.subarray(0, prefix + len);
     const sparse =
       this.#mode !== MODE.SIMPLE &&
       dev.capabilities.extents &&
       len >= this.#host.limits.sparseReadMinimum &&
       !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
-    const [, zeroRuns] = await Promise.all([
-      len > 0 ? dev.read(buf.subarray(prefix), h.offset, 0) : undefined,
-      sparse ? this.#zeroRuns(h.offset, len) : null,
-    ]);
-    return { buf, prefix, zeroRuns };
+    try {
+      const [, zeroRuns] = await Promise.all([
+        len > 0 ? dev.read(buf.subarray(prefix), h.offset, 0) : undefined,
+        sparse ? this.#zeroRuns(h.offset, len) : null,
+      ]);
+      return { buf, owner, prefix, zeroRuns };
+    } catch (e) {
+      this.#host.pool.put(owner);
+      throw e;
+    }
   }
 
   /** Ranges of a read that read as zeroes (from extents), or null if there are none worth sending as holes. */
@@ -791,6 +809,8 @@ export class NbdSession implements ExportSession {
   #finish(req: Request, result: Reply): void {
     this.#inFlight--;
     this.#inFlightBytes -= req.cost;
+    // The device is done with the payload (BlockDevice.write must not keep it).
+    if (req.owner) this.#host.pool.put(req.owner);
     if (!this.#closed) {
       try {
         this.#reply(req.h, result);
@@ -806,13 +826,19 @@ export class NbdSession implements ExportSession {
     this.#maybeResume();
   }
 
-  #send(buf: Buffer): void {
+  /** Queues bytes for the peer, corked until the end of this event-loop turn; `release` goes back to the pool once written. */
+  #send(buf: Buffer, release?: Buffer): void {
     if (!this.#corked) {
       this.#corked = true;
       this.#socket.cork();
       setImmediate(this.#uncork);
     }
-    this.#socket.write(buf);
+    if (release) {
+      const pool = this.#host.pool;
+      this.#socket.write(buf, () => pool.put(release));
+    } else {
+      this.#socket.write(buf);
+    }
   }
 
   readonly #uncork = (): void => {
@@ -825,6 +851,7 @@ export class NbdSession implements ExportSession {
     if (result instanceof WireError) return this.#replyError(h, result);
     if (result === null) return this.#replyDone(h);
     if ('descs' in result) return this.#replyBlockStatus(h, result.descs);
+    if (this.#closed) return this.#host.pool.put(result.owner);
     return this.#replyRead(h, result);
   }
 
@@ -866,16 +893,19 @@ export class NbdSession implements ExportSession {
   }
 
   #replyRead(h: RequestHeader, r: ReadResult): void {
-    const { buf, prefix } = r;
+    const { buf, prefix, owner } = r;
     if (this.#mode === MODE.SIMPLE) {
       writeSimpleReply(buf, 0, 0, h.cookie);
-      return this.#send(buf);
+      return this.#send(buf, owner);
     }
     if (r.zeroRuns === null || h.length === 0) {
       // A zero-length READ still needs a final chunk, and never a simple reply.
-      if (h.length === 0) return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
+      if (h.length === 0) {
+        this.#host.pool.put(owner);
+        return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
+      }
       this.#writeDataHeader(buf, h, DONE, h.offset, h.length);
-      return this.#send(buf);
+      return this.#send(buf, owner);
     }
     // Sparse: data chunks for the data, hole chunks for zero runs, the last one DONE.
     const data = buf.subarray(prefix);
@@ -899,6 +929,8 @@ export class NbdSession implements ExportSession {
         this.#send(data.subarray(p.offset - h.offset, p.offset - h.offset + p.length));
       }
     });
+    // Writes complete in order: once an empty write queued after the pieces is done, so are they.
+    this.#send(EMPTY, owner);
   }
 
   /** Writes an OFFSET_DATA chunk header plus its u64 offset into the first `prefix` bytes of `buf`. */
@@ -971,6 +1003,8 @@ export class NbdSession implements ExportSession {
 /** A successful READ: the buffer with `prefix` bytes of header room, and zero runs for sparse replies. */
 interface ReadResult {
   readonly buf: Buffer;
+  /** The pooled buffer `buf` is a view of; back to the pool once the reply is written. */
+  readonly owner: Buffer;
   readonly prefix: number;
   readonly zeroRuns: Extent[] | null;
 }
