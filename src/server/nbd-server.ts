@@ -64,6 +64,31 @@ export class NbdServer implements SessionHost {
     return [...this.#exports.values()];
   }
 
+  /**
+   * Adds an export while the server runs (a gate appearing as `ggate<unit>`). New
+   * handshakes see it at once. EEXIST if the name is taken.
+   */
+  addExport(exp: Export): void {
+    if (this.#exports.has(exp.name)) throw new BlockError('EEXIST', `an export named '${exp.name}' exists`);
+    this.#exports.set(exp.name, exp);
+  }
+
+  /**
+   * Removes an export so no new client can select it. With sessions attached it fails
+   * EBUSY unless `force`; forced, those sessions stay connected to the Export object and
+   * their requests get whatever its device answers (a destroyed gate: EIO). ENOENT if
+   * there is no such export. Its device is not closed here.
+   */
+  removeExport(name: string, opts: { readonly force?: boolean } = {}): Export {
+    const exp = this.#exports.get(name);
+    if (!exp) throw new BlockError('ENOENT', `no export named '${name}'`);
+    if (exp.sessionCount > 0 && opts.force !== true) {
+      throw new BlockError('EBUSY', `export '${name}' has ${exp.sessionCount} session(s) attached`);
+    }
+    this.#exports.delete(name);
+    return exp;
+  }
+
   /** Open sessions. */
   get sessionCount(): number {
     return this.#sessions.size;
