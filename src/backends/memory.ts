@@ -126,6 +126,20 @@ export class MemoryDevice implements BlockDevice {
 
   async write(data: Buffer, offset: number, _flags: number): Promise<void> {
     this.#checkWritable('write');
+    this.#store(data, offset);
+  }
+
+  /** Gather write: each piece is copied straight into the pages (no concatenation). */
+  async writev(data: readonly Buffer[], offset: number, _flags: number): Promise<void> {
+    this.#checkWritable('write');
+    let at = offset;
+    for (const piece of data) {
+      this.#store(piece, at);
+      at += piece.length;
+    }
+  }
+
+  #store(data: Buffer, offset: number): void {
     let done = 0;
     while (done < data.length) {
       const pos = offset + done;

@@ -103,6 +103,13 @@ export interface BlockDevice {
   read(buf: Buffer, offset: number, flags: number): Promise<void>;
   /** Writes `data` at `offset`. With REQ.FUA the data is durable on success. */
   write(data: Buffer, offset: number, flags: number): Promise<void>;
+  /**
+   * Optional gather write: the same as `write(Buffer.concat(data), offset, flags)` without
+   * the copy. Frontends use it when a payload arrived in several socket chunks. Filters do
+   * not forward it (FilterDevice leaves it undefined), so a filter that changes writes is
+   * never bypassed; only a bare backend offers it.
+   */
+  writev?(data: readonly Buffer[], offset: number, flags: number): Promise<void>;
   /** Makes every write completed before this call durable. */
   flush(flags: number): Promise<void>;
   /** Discards a range (a hint: contents become unspecified). */

@@ -93,6 +93,8 @@ const S = {
   DISCARD_PAYLOAD: 6,
   /** Input is ignored: after DISC, ABORT, a fatal error or close. */
   IGNORE: 7,
+  /** A WRITE payload kept as slices of the socket's chunks, for a device with writev. */
+  GATHER_PAYLOAD: 8,
 } as const;
 type State = (typeof S)[keyof typeof S];
 
@@ -147,6 +149,9 @@ export class NbdSession implements ExportSession {
   /** The pooled buffer `#body` is a view of, when it came from the pool. */
   #bodyOwner: Buffer | null = null;
   #bodyFill = 0;
+  /** GATHER_PAYLOAD: the pieces so far and the payload length. */
+  #slices: Buffer[] = [];
+  #gatherLength = 0;
   #skip = 0;
   #pendingChunks: Buffer[] = [];
   #readPaused = false;
@@ -284,6 +289,19 @@ export class NbdSession implements ExportSession {
           this.#bodyFill = 0;
           if (this.#state === S.OPTION_DATA) this.#onOption(this.#option, data);
           else this.#onWritePayload(data, owner);
+          break;
+        }
+        case S.GATHER_PAYLOAD: {
+          // 'data' chunks are fresh allocations, never reused: slices of them stay valid.
+          const n = Math.min(this.#gatherLength - this.#bodyFill, end - pos);
+          this.#slices.push(chunk.subarray(pos, pos + n));
+          this.#bodyFill += n;
+          pos += n;
+          if (this.#bodyFill < this.#gatherLength) break;
+          const slices = this.#slices;
+          this.#slices = [];
+          this.#bodyFill = 0;
+          this.#onWritePayload(slices.length === 1 ? slices[0]! : slices, null);
           break;
         }
         case S.OPTION_SKIP:
@@ -545,13 +563,20 @@ export class NbdSession implements ExportSession {
     }
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
+    if (this.#device!.writev) {
+      // Zero copy: the device takes the payload as the socket delivered it.
+      this.#gatherLength = h.length;
+      this.#bodyFill = 0;
+      this.#state = S.GATHER_PAYLOAD;
+      return;
+    }
     this.#bodyOwner = this.#host.pool.get(h.length);
     this.#body = this.#bodyOwner.subarray(0, h.length);
     this.#bodyFill = 0;
     this.#state = S.WRITE_PAYLOAD;
   }
 
-  #onWritePayload(data: Buffer, owner: Buffer | null): void {
+  #onWritePayload(data: Payload, owner: Buffer | null): void {
     const h = this.#current!;
     this.#current = null;
     this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
@@ -584,7 +609,7 @@ export class NbdSession implements ExportSession {
     }
   }
 
-  #dispatch(h: RequestHeader, payload: Buffer | null, owner: Buffer | null = null): void {
+  #dispatch(h: RequestHeader, payload: Payload | null, owner: Buffer | null = null): void {
     if (h.type === NBD_CMD.NBD_CMD_DISC) {
       // No reply; finish what is in flight, then close.
       this.#log.debug('DISC');
@@ -593,7 +618,7 @@ export class NbdSession implements ExportSession {
       if (this.#inFlight === 0) this.#hangUp();
       return;
     }
-    const cost = payload ? payload.length : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload) : 0;
+    const cost = payload ? h.length : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload) : 0;
     const req: Request = { h, cost, owner };
     this.#begin(h, cost);
     const invalid = this.#validate(h, payload);
@@ -605,7 +630,7 @@ export class NbdSession implements ExportSession {
   }
 
   /** The one place a request is checked before it reaches the device. Returns the error, or null. */
-  #validate(h: RequestHeader, payload: Buffer | null): BlockError | null {
+  #validate(h: RequestHeader, payload: Payload | null): BlockError | null {
     const C = NBD_CMD;
     const FL = NBD_CMD_FLAG;
     if (this.#host.shuttingDown) return new BlockError('ESHUTDOWN', 'server is shutting down');
@@ -663,7 +688,7 @@ export class NbdSession implements ExportSession {
   }
 
   /** Runs a validated request on the device; resolves to the reply to send. */
-  async #run(req: Request, payload: Buffer | null): Promise<Reply> {
+  async #run(req: Request, payload: Payload | null): Promise<Reply> {
     const h = req.h;
     const dev = this.#device!;
     const fua = h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_FUA ? REQ.FUA : 0;
@@ -671,7 +696,8 @@ export class NbdSession implements ExportSession {
       case NBD_CMD.NBD_CMD_READ:
         return this.#read(h);
       case NBD_CMD.NBD_CMD_WRITE:
-        await dev.write(payload!, h.offset, fua);
+        if (Array.isArray(payload)) await dev.writev!(payload, h.offset, fua);
+        else await dev.write(payload as Buffer, h.offset, fua);
         return null;
       case NBD_CMD.NBD_CMD_FLUSH:
         return this.#flush();
@@ -1008,6 +1034,9 @@ interface ReadResult {
   readonly prefix: number;
   readonly zeroRuns: Extent[] | null;
 }
+
+/** A WRITE payload: one buffer, or the socket's pieces for a device with writev. */
+type Payload = Buffer | Buffer[];
 
 /** What a request resolves to: null = plain success, read data, block status, or an error. */
 type Reply = null | ReadResult | { readonly descs: Descriptor[] } | WireError;

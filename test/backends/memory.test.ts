@@ -207,3 +207,33 @@ describe('memory backend', () => {
     await assert.rejects(dev.extents(0, 1, 0), { code: 'EBADF' });
   });
 });
+
+describe('memory: gather writes (writev)', () => {
+  test('writev of pieces stores the same bytes as write of their concatenation', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.uint8Array({ minLength: 1, maxLength: 3 * PAGE_SIZE }), { minLength: 1, maxLength: 6 }),
+        fc.integer({ min: 0, max: 4 * PAGE_SIZE }),
+        async (pieces, offset) => {
+          const a = new MemoryDevice({ size: 32 * PAGE_SIZE });
+          const b = new MemoryDevice({ size: 32 * PAGE_SIZE });
+          const bufs = pieces.map((p) => Buffer.from(p));
+          await a.writev(bufs, offset, 0);
+          await b.write(Buffer.concat(bufs), offset, 0);
+          const ra = Buffer.alloc(32 * PAGE_SIZE);
+          const rb = Buffer.alloc(32 * PAGE_SIZE);
+          await a.read(ra, 0, 0);
+          await b.read(rb, 0, 0);
+          assert.ok(ra.equals(rb));
+          assert.deepEqual(await a.extents(0, 32 * PAGE_SIZE, 0), await b.extents(0, 32 * PAGE_SIZE, 0));
+        },
+      ),
+      { numRuns: 50 },
+    );
+  });
+
+  test('writev on a read-only device is EPERM', async () => {
+    const dev = new MemoryDevice({ size: PAGE_SIZE, readonly: true });
+    await assert.rejects(dev.writev([Buffer.alloc(1)], 0, 0), { code: 'EPERM' });
+  });
+});
