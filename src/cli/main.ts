@@ -6,6 +6,7 @@
 import { Command } from 'commander';
 import { createRequire } from 'node:module';
 import { serveCommand } from './serve.js';
+import { ggatedCommand } from './ggated.js';
 
 /** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
 function packageVersion(): string {
@@ -29,6 +30,7 @@ export function makeProgram(): Command {
     .version(packageVersion())
     .showHelpAfterError();
   program.addCommand(serveCommand());
+  program.addCommand(ggatedCommand());
   return program;
 }
 
