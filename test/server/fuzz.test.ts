@@ -49,6 +49,8 @@ before(async () => {
     [
       new Export({ name: 'disk', device: disk }),
       new Export({ name: 'ro', device: new MemoryDevice({ size: DEVICE_SIZE }), readOnly: true }),
+      // A bare backend: WRITE payloads take the gathered (writev) path.
+      new Export({ name: 'mem', device: new MemoryDevice({ size: DEVICE_SIZE }) }),
     ],
     LIMITS,
   );
@@ -128,7 +130,7 @@ function mutate(b: Buffer, m: { edits: readonly { at: number; byte: number }[]; 
   return m.cut === null ? out : out.subarray(0, m.cut % (out.length + 1));
 }
 
-const exportName = fc.constantFrom('', 'disk', 'ro', 'nope', 'é', 'x'.repeat(600));
+const exportName = fc.constantFrom('', 'disk', 'ro', 'mem', 'nope', 'é', 'x'.repeat(600));
 const optionData = fc.oneof(
   fc.constant(Buffer.alloc(0)),
   fc.tuple(exportName, fc.array(u16.map((n) => n % 6), { maxLength: 4 })).map(([n, i]) => encodeInfoRequest(n, i)),
@@ -232,7 +234,7 @@ describe('fuzz', () => {
 
   test('random bytes after a valid handshake never break the server, in every reply mode', async () => {
     await fc.assert(
-      fc.asyncProperty(modeArb, fc.constantFrom('disk', 'ro'), fc.uint8Array({ maxLength: 1024 }), async (mode, name, bytes) =>
+      fc.asyncProperty(modeArb, fc.constantFrom('disk', 'ro', 'mem'), fc.uint8Array({ maxLength: 1024 }), async (mode, name, bytes) =>
         runCase(Buffer.concat([handshakeBytes(mode, name), Buffer.from(bytes)])),
       ),
       { numRuns: RUNS.afterRaw },
@@ -242,7 +244,7 @@ describe('fuzz', () => {
 
   test('mutated request sequences after a valid handshake never break the server, in every reply mode', async () => {
     await fc.assert(
-      fc.asyncProperty(modeArb, fc.constantFrom('disk', 'ro'), fc.array(requestArb, { minLength: 1, maxLength: 12 }), async (mode, name, reqs) =>
+      fc.asyncProperty(modeArb, fc.constantFrom('disk', 'ro', 'mem'), fc.array(requestArb, { minLength: 1, maxLength: 12 }), async (mode, name, reqs) =>
         runCase(Buffer.concat([handshakeBytes(mode, name), ...reqs.map((r) => encodeFuzzRequest(mode, r))])),
       ),
       { numRuns: RUNS.requests },
