@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockError } from '../../src/errors/index.js';
 import { REQ } from '../../src/device/types.js';
-import { FileDevice, ZERO_CHUNK_SIZE, fileBackend } from '../../src/backends/file.js';
+import { FileDevice, TMPFS_MAGIC, ZERO_CHUNK_SIZE, fileBackend } from '../../src/backends/file.js';
 import { runContract } from './contract.js';
 
 const SIZE = 3 * 2 ** 20 + 12345;
@@ -23,6 +23,17 @@ runContract(
   async () => {
     const file = tempPath();
     return { dev: await fileBackend({ type: 'file', path: file, create: true, size: SIZE }), cleanup: removeFile(file) };
+  },
+  { initial: (_o, n) => Buffer.alloc(n) },
+);
+
+runContract(
+  'file (inline I/O)',
+  async () => {
+    const file = tempPath();
+    const dev = await fileBackend({ type: 'file', path: file, create: true, size: SIZE, io: 'inline' });
+    assert.equal(dev.nonBlocking, true);
+    return { dev, cleanup: removeFile(file) };
   },
   { initial: (_o, n) => Buffer.alloc(n) },
 );
@@ -162,5 +173,41 @@ describe('file backend', () => {
     await assert.rejects(dev.read(Buffer.alloc(1), 0, 0), { code: 'EBADF' });
     await assert.rejects(dev.write(Buffer.alloc(1), 0, 0), { code: 'EBADF' });
     await dev.close();
+  });
+});
+
+describe('file: I/O mode', () => {
+  test('auto picks inline I/O on tmpfs and the thread pool elsewhere', async () => {
+    const onDisk = tempPath();
+    const a = await fileBackend({ type: 'file', path: onDisk, create: true, size: 4096 });
+    let tmpfs = false;
+    try {
+      tmpfs = (await fs.promises.statfs(root)).type === TMPFS_MAGIC;
+    } catch {
+      tmpfs = false;
+    }
+    assert.equal(a.nonBlocking, tmpfs);
+    await a.close();
+    if (fs.existsSync('/dev/shm') && (await fs.promises.statfs('/dev/shm')).type === TMPFS_MAGIC) {
+      const shm = fs.mkdtempSync('/dev/shm/blockgate-file-test-');
+      try {
+        const b = await fileBackend({ type: 'file', path: path.join(shm, 'x.img'), create: true, size: 4096 });
+        assert.equal(b.nonBlocking, true);
+        await b.write(Buffer.from('inline'), 100, 0);
+        const r = Buffer.alloc(6);
+        await b.read(r, 100, 0);
+        assert.equal(r.toString(), 'inline');
+        await b.close();
+        const c = await fileBackend({ type: 'file', path: path.join(shm, 'x.img'), io: 'thread-pool' });
+        assert.equal(c.nonBlocking, false);
+        await c.close();
+      } finally {
+        fs.rmSync(shm, { recursive: true, force: true });
+      }
+    }
+  });
+
+  test('a bad io setting is named', async () => {
+    await assert.rejects(fileBackend({ type: 'file', path: tempPath(), io: 'fast' }), { code: 'EINVAL', message: /io/ });
   });
 });
