@@ -1,2 +1,5 @@
 export * from './readonly.js';
+export * from './writeback.js';
+export * from './error.js';
+export * from './cow.js';
 export * from './registry.js';
