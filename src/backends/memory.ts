@@ -163,26 +163,17 @@ export class MemoryDevice implements BlockDevice {
   }
 
   /**
-   * Without NO_HOLE: frees whole pages and zero-fills partial ones (freeing those that
-   * end up all zero). With NO_HOLE: every page of the range is allocated and zeroed.
-   * Always fast, so FAST_ZERO needs no special case.
+   * Frees whole pages and zero-fills partial ones (freeing those that end up all zero).
+   * NO_HOLE is accepted and deliberately not acted on: it asks that later writes to the
+   * range cannot fail for lack of space, and a memory page costs the same RAM whether it
+   * is allocated now or at that write, so pre-allocating would only let one request
+   * (up to 2^53 bytes with extended headers) claim memory the client never writes.
+   * Time is bounded by the pages actually allocated, not by the length. Always fast, so
+   * FAST_ZERO needs no special case.
    */
-  async zero(offset: number, length: number, flags: number): Promise<void> {
+  async zero(offset: number, length: number, _flags: number): Promise<void> {
     this.#checkWritable('zero');
     const end = offset + length;
-    if (flags & REQ.NO_HOLE) {
-      let pos = offset;
-      while (pos < end) {
-        const index = Math.floor(pos / PAGE_SIZE);
-        const inPage = pos - index * PAGE_SIZE;
-        const n = Math.min(PAGE_SIZE - inPage, end - pos);
-        const page = this.#pages.get(index);
-        if (page) page.fill(0, inPage, inPage + n);
-        else this.#allocate(index);
-        pos += n;
-      }
-      return;
-    }
     const firstFull = Math.ceil(offset / PAGE_SIZE);
     const endFull = Math.floor(end / PAGE_SIZE);
     if (offset % PAGE_SIZE !== 0) {
