@@ -13,7 +13,9 @@
  * - `-v` logs at debug level. blockgate never daemonizes (run it under a service
  *   manager), so ggated's other meaning of -v, "stay in the foreground", always holds;
  * - `-c FILE` maps ggate paths to blockgate stacks (JSON: `{ "/dev/x": { "backend":
- *   {...}, "filters": [...] } }`); any other exported path is opened as a file.
+ *   {...}, "filters": [...] } }`); any other exported path is opened as a file;
+ * - `-F FILE` writes the process id there (ggated writes /var/run/ggated.pid by
+ *   default; blockgate only when asked) and removes it on exit.
  *
  * SIGINT and SIGTERM stop the server gracefully.
  */
@@ -35,6 +37,7 @@ interface GgatedFlags {
   nagle?: boolean;
   verbose?: boolean;
   config?: string;
+  pidfile?: string;
   maxRequest: string;
 }
 
@@ -111,10 +114,13 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
     noDelay: flags.nagle !== true,
     limits: { maxRequestLength },
   });
+  // Written before listening, as ggated does, so it exists once clients can connect.
+  if (flags.pidfile) fs.writeFileSync(flags.pidfile, `${process.pid}\n`);
   try {
     await server.listen({ host, port });
   } catch (e) {
     await server.close(0);
+    if (flags.pidfile) fs.rmSync(flags.pidfile, { force: true });
     throw e;
   }
 
@@ -137,6 +143,7 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
   });
   process.off('SIGHUP', onHup);
   await server.close();
+  if (flags.pidfile) fs.rmSync(flags.pidfile, { force: true });
   return 0;
 }
 
@@ -151,6 +158,7 @@ export function ggatedCommand(): Command {
     .option('-n, --nagle', 'do not set TCP_NODELAY')
     .option('-v, --verbose', 'debug logging (the server always stays in the foreground)')
     .option('-c, --config <file>', 'JSON file mapping ggate paths to blockgate stacks')
+    .option('-F, --pidfile <file>', 'write the process id to this file (removed on exit)')
     .option('--max-request <size>', 'largest request accepted (a FreeBSD peer with a larger kern.maxphys needs more)', String(MAX_REQUEST_LENGTH))
     .action(async (exportsFile: string, flags: GgatedFlags) => {
       try {

@@ -211,7 +211,11 @@ export class GgateSession implements ExportSession {
     this.#expectHeader();
     const l = this.#host.limits;
     if (this.#queue.length >= l.maxQueuedRequests || this.#queuedBytes >= l.maxQueuedBytes) this.#pauseInput();
-    void this.#pump();
+    this.#pump().catch((e: unknown) => {
+      // A bug, not the client's doing: drop this client, keep the server.
+      this.#log.error({ err: e }, 'serving a request failed');
+      this.#abort('internal error');
+    });
   }
 
   #pauseInput(): void {

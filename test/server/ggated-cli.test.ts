@@ -115,7 +115,7 @@ describe('blockgate ggated', () => {
   test('--help lists FreeBSD ggated options', async () => {
     const r = await run(CLI[0]!, [...CLI.slice(1), 'ggated', '--help'], { timeoutMs: TIMEOUT_MS });
     assert.equal(r.code, 0);
-    for (const opt of ['-a, --address', '-p, --port', '-R, --rcvbuf', '-S, --sndbuf', '-n, --nagle', '-v, --verbose', '-c, --config', '[exports-file]']) {
+    for (const opt of ['-a, --address', '-p, --port', '-R, --rcvbuf', '-S, --sndbuf', '-n, --nagle', '-v, --verbose', '-c, --config', '-F, --pidfile', '[exports-file]']) {
       assert.ok(r.stdout.includes(opt), opt);
     }
     assert.match(r.stdout, /\/etc\/gg\.exports/);
@@ -142,7 +142,9 @@ describe('blockgate ggated', () => {
     fs.writeFileSync(exportsFile, `# test exports\n127.0.0.1 RO ${img}\n127.0.0.1 RW /dev/nbd-export\n`);
     const config = path.join(tmp, 'stacks.json');
     fs.writeFileSync(config, JSON.stringify({ '/dev/nbd-export': { backend: { type: 'memory', size: '2M' } } }));
-    const { child, port } = await startGgated(['-v', '-n', '-R', '262144', '-c', config, exportsFile]);
+    const pidfile = path.join(tmp, 'ggated.pid');
+    const { child, port } = await startGgated(['-v', '-n', '-R', '262144', '-F', pidfile, '-c', config, exportsFile]);
+    assert.equal(fs.readFileSync(pidfile, 'utf8'), `${child.pid}\n`);
 
     // The memory stack from --config.
     const rx = await connect(port, '/dev/nbd-export', GGATE_FLAG.GGATE_FLAG_SEND, 1);
@@ -179,6 +181,7 @@ describe('blockgate ggated', () => {
 
     child.kill('SIGTERM');
     assert.equal(await exited(child), 0);
+    assert.equal(fs.existsSync(pidfile), false, 'pid file removed');
   });
 
   test('--config files are validated with the bad key named', () => {
