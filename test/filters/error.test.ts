@@ -62,7 +62,10 @@ describe('error filter', () => {
     for (const op of ERROR_OPS) assert.equal(await fails(dev, op), 'EIO', op);
     assert.equal(dev.injected, ERROR_OPS.length);
     assert.equal(mem.allocatedBytes, 0, 'the failed writes did not happen');
-    const e = await dev.read(Buffer.alloc(1), 4096, 0).catch((x: unknown) => x as BlockError);
+    const e = await dev.read(Buffer.alloc(1), 4096, 0).then(
+      () => assert.fail('the read must fail'),
+      (x: unknown) => x as BlockError,
+    );
     assert.equal(e.errno, linuxErrno('EIO'));
     assert.equal(e.offset, 4096);
     assert.match(e.message, /injected EIO/);
