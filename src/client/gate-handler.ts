@@ -149,9 +149,8 @@ export async function serveGate(
   };
   userSignal?.addEventListener('abort', onUserAbort, { once: true });
 
-  const serveOne = async (r: GateStartRequest): Promise<void> => {
-    let error: ErrnoCode | 0 = 0;
-    let data: Buffer | undefined;
+  /** Runs one request in the handler; resolves with what DONE should say. */
+  const handle = async (r: GateStartRequest): Promise<{ error: ErrnoCode | 0; data?: Buffer }> => {
     try {
       switch (r.cmd) {
         case 'read': {
@@ -159,42 +158,42 @@ export async function serveGate(
           if (!Buffer.isBuffer(b) || b.length < r.length) {
             throw new BlockError('EIO', `read handler returned ${Buffer.isBuffer(b) ? b.length : 'no'} bytes of ${r.length}`);
           }
-          data = b.length === r.length ? b : b.subarray(0, r.length);
-          break;
+          return { error: 0, data: b.length === r.length ? b : b.subarray(0, r.length) };
         }
         case 'write':
           await handler.write(r.offset, r.data!);
-          break;
+          return { error: 0 };
         case 'delete':
           if (!handler.delete) throw new BlockError('EOPNOTSUPP', 'this handler does not support delete');
           await handler.delete(r.offset, r.length);
-          break;
+          return { error: 0 };
         case 'flush':
           await handler.flush?.();
-          break;
+          return { error: 0 };
       }
     } catch (e) {
-      const b = toBlockError(e);
-      error = b.code;
-      data = undefined;
+      return { error: toBlockError(e).code };
     }
-    try {
-      await client.done({ version: GATE.VERSION, unit, seq: r.seq, error, ...(data !== undefined ? { data } : {}) });
-    } catch (e) {
-      // The gate went away while we served (another worker already saw ECANCELED).
-      if (canceled) return;
-      throw e;
-    }
-    stats.served++;
-    if (error !== 0) stats.failed++;
-    emit({ type: 'request', cmd: r.cmd, seq: r.seq, offset: r.offset, length: r.length, error });
+  };
+
+  const startCall = (): Promise<GateStartResult> => {
+    const p = client.start({ version: GATE.VERSION, unit, length: buffer, signal: stop.signal });
+    // Awaited later; never let an abandoned one (the loop failing) become unhandled.
+    p.catch(() => undefined);
+    return p;
   };
 
   const worker = async (): Promise<void> => {
-    while (!finishing()) {
+    // The next START is sent before the DONE of the current request, so from the moment
+    // a requester sees its request complete, this worker is already waiting in START:
+    // a DESTROY that follows reaches it as ECANCELED rather than finding it between
+    // calls (where its next START would fail ENXIO).
+    let next: Promise<GateStartResult> | undefined;
+    for (;;) {
+      if (next === undefined && finishing()) return;
       let r: GateStartResult;
       try {
-        r = await client.start({ version: GATE.VERSION, unit, length: buffer, signal: stop.signal });
+        r = await (next ?? startCall());
       } catch (e) {
         if (isInterrupted(e)) {
           if (finishing()) return;
@@ -202,9 +201,12 @@ export async function serveGate(
           stats.interruptions++;
           emit({ type: 'interrupted' });
           continue;
+        } else if (canceled) {
+          return; // the unit is gone (ENXIO) after another worker's ECANCELED
         }
-        if (canceled) return; // the unit is gone (ENXIO) after another worker's ECANCELED
         throw e;
+      } finally {
+        next = undefined;
       }
       if (r.error === 'ECANCELED') {
         canceled = true;
@@ -223,7 +225,18 @@ export async function serveGate(
         continue;
       }
       // A request taken is always answered, even if the loop is finishing.
-      await serveOne(r);
+      const { error, data } = await handle(r);
+      if (!finishing()) next = startCall();
+      try {
+        await client.done({ version: GATE.VERSION, unit, seq: r.seq, error, ...(data !== undefined ? { data } : {}) });
+      } catch (e) {
+        // The gate went away while we served (another worker already saw ECANCELED).
+        if (canceled) continue;
+        throw e;
+      }
+      stats.served++;
+      if (error !== 0) stats.failed++;
+      emit({ type: 'request', cmd: r.cmd, seq: r.seq, offset: r.offset, length: r.length, error });
     }
   };
 
