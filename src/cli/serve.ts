@@ -3,6 +3,13 @@
  * them over NBD, and shuts down gracefully on SIGINT/SIGTERM. `--run` is nbdkit's
  * captive mode: serve on a private unix socket, run a command with `$uri` set, and exit
  * with the command's status.
+ *
+ * The control socket (`--control PATH`; default `$XDG_RUNTIME_DIR/blockgate/ctl.sock` or
+ * `/tmp/blockgate-<uid>/ctl.sock`, mode 0600 in a 0700 directory) carries the gate calls
+ * of handlers such as `blockgate ggatel` and `blockgate status`; each gate is exported
+ * over NBD as `ggate<unit>` while it exists. At the default path a socket already in use
+ * only costs a warning; an explicit --control must work. `--no-control` turns it off,
+ * and captive --run mode has none unless --control is given.
  */
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -12,6 +19,7 @@ import { Command, Option } from 'commander';
 import pino, { type Logger } from 'pino';
 import { createStack } from '../filters/registry.js';
 import { Export, NbdServer, type ListenAddress } from '../server/index.js';
+import { startControlServer } from '../server/control-server.js';
 import { BlockError } from '../errors/index.js';
 import { newStackContext } from '../device/index.js';
 import {
@@ -35,6 +43,8 @@ interface ServeFlags {
   printUri?: boolean;
   run?: string;
   logLevel: string;
+  /** A path (--control), false (--no-control) or undefined (the default path). */
+  control?: string | false;
 }
 
 /** An NBD URI for an address and export name (doc/uri.md). */
@@ -108,6 +118,17 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
+  // Before listening, so that a bad --control leaves nothing running.
+  const ctl =
+    flags.control === false || (flags.run !== undefined && flags.control === undefined)
+      ? undefined
+      : await startControlServer({
+          nbd: server,
+          ...(typeof flags.control === 'string' ? { path: flags.control } : {}),
+          required: typeof flags.control === 'string',
+          logger: log,
+        });
+
   let tmpDir: string | null = null;
   const listen: ListenAddress[] = [];
   if (flags.run) {
@@ -123,6 +144,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
 
   const stop = async (): Promise<void> => {
     await server.close();
+    await ctl?.close();
     await Promise.all(exports.map((e) => e.device.close().catch((err: unknown) => log.error({ err }, 'close failed'))));
     if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
   };
@@ -174,6 +196,8 @@ export function serveCommand(): Command {
     .option('-D, --description <text>', 'description of the first export')
     .option('--print-uri', 'print the NBD URI of the default export once listening')
     .option('--run <command>', "captive mode: serve on a private unix socket, run COMMAND with $uri set, exit with its status")
+    .option('--control <path>', 'control socket for gate handlers (blockgate ggatel) and blockgate status (default: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else /tmp/blockgate-<uid>/ctl.sock; mode 0600)')
+    .option('--no-control', 'open no control socket')
     .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
     .action(async (specs: string[], flags: ServeFlags) => {
       if (flags.address.length === 0) flags.address = [DEFAULT_HOST];

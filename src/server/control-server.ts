@@ -23,7 +23,7 @@ import path from 'node:path';
 import pino, { type Logger } from 'pino';
 import * as v from 'valibot';
 import { BlockError, codeFromLinux, toBlockError } from '../errors/index.js';
-import { GATE, type GateStartResult } from '../gate/index.js';
+import { GATE, GateRegistry, type GateStartResult } from '../gate/index.js';
 import {
   CONTROL,
   ControlFrameError,
@@ -36,15 +36,19 @@ import {
   encodeStartReply,
   type ControlRequest,
   type RequestHeader,
+  defaultControlPath,
 } from './control-protocol.js';
 
 export { defaultControlPath } from './control-protocol.js';
-import type { GateService } from './control-gates.js';
+import { GateService } from './control-gates.js';
+import type { NbdServer } from './nbd-server.js';
 
 /** File mode of the control socket: owner read/write only. */
 export const CONTROL_SOCKET_MODE = 0o600;
 /** Mode of a directory blockgate creates to hold the control socket. */
 export const CONTROL_DIR_MODE = 0o700;
+/** How long close() waits for control clients to hang up before cutting them. */
+export const CONTROL_CLOSE_GRACE_MS = 2000;
 
 export interface ControlServerOptions {
   readonly gates: GateService;
@@ -136,13 +140,22 @@ export class ControlServer {
     this.#connections.add(c);
   }
 
-  /** Stops listening, closes every connection (their waiting STARTs are interrupted) and removes the socket file. */
-  async close(): Promise<void> {
+  /**
+   * Stops listening and closes every connection (their waiting STARTs are interrupted),
+   * then removes the socket file. Replies already written (ECANCELED after the gates
+   * were destroyed, say) are flushed first: connections are ended, and cut only if a
+   * peer has not closed its side after `graceMs`.
+   */
+  async close(graceMs = CONTROL_CLOSE_GRACE_MS): Promise<void> {
     const server = this.#server;
     this.#server = undefined;
-    for (const c of this.#connections) c.destroy();
-    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
     if (this.#path) fs.rmSync(this.#path, { force: true });
+    for (const c of this.#connections) c.end();
+    const timer = setTimeout(() => {
+      for (const c of this.#connections) c.destroy();
+    }, graceMs);
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+    clearTimeout(timer);
   }
 }
 
@@ -199,6 +212,12 @@ class ControlConnection {
 
   destroy(): void {
     this.#socket.destroy();
+  }
+
+  /** Flushes what was written, then closes (our STARTs are interrupted when the socket closes). */
+  end(): void {
+    if (this.#closed) return;
+    setImmediate(() => this.#socket.end());
   }
 
   #onData(chunk: Buffer): void {
@@ -376,4 +395,53 @@ class ControlConnection {
     this.#log.debug({ interrupted }, 'control connection closed');
     this.#onClosed();
   }
+}
+
+/** A running control socket with its gates, as `blockgate serve` holds it. */
+export interface ControlHandle {
+  readonly control: ControlServer;
+  readonly gates: GateService;
+  readonly path: string;
+  /** Destroys every gate (handlers get ECANCELED), then closes the socket. */
+  close(): Promise<void>;
+}
+
+export interface StartControlOptions {
+  /** The NBD server gates are exported on. */
+  readonly nbd: NbdServer;
+  /** Socket path; default {@link defaultControlPath}. */
+  readonly path?: string;
+  /**
+   * True when the path was asked for explicitly: failing to listen is then an error.
+   * At the default path a failure (another server already has it) is logged and the
+   * server runs without a control socket.
+   */
+  readonly required: boolean;
+  readonly logger: Logger;
+  /** Size of the gate unit table; default GATE.DEFAULT_MAX_UNITS. */
+  readonly maxUnits?: number;
+}
+
+/** Creates the gate registry and the control socket of `blockgate serve`. */
+export async function startControlServer(opts: StartControlOptions): Promise<ControlHandle | undefined> {
+  const socketPath = opts.path ?? defaultControlPath();
+  const gates = new GateService(new GateRegistry(opts.maxUnits !== undefined ? { maxUnits: opts.maxUnits } : {}), opts.nbd);
+  const control = new ControlServer({ gates, logger: opts.logger });
+  try {
+    await control.listen(socketPath);
+  } catch (e) {
+    if (opts.required) throw e;
+    opts.logger.warn({ path: socketPath, reason: (e as Error).message }, 'no control socket (gates and status unavailable)');
+    return undefined;
+  }
+  opts.logger.info({ control: socketPath }, 'control socket');
+  return {
+    control,
+    gates,
+    path: socketPath,
+    async close() {
+      await gates.close();
+      await control.close();
+    },
+  };
 }
