@@ -24,8 +24,9 @@ before(async () => {
     { name: 'map', backend: { type: 'memory', size: 4 * MiB } },
   ]);
   // Known layout for --map: pages written at 0, 1 MiB (a few bytes inside the page),
-  // 2 MiB (two pages), a NO_HOLE zero at 3 MiB (allocated, reads as zero), and a page
-  // written then trimmed at 3.5 MiB (a hole again).
+  // 2 MiB (two pages), a page written at 3 MiB and then zeroed with NO_HOLE (the memory
+  // backend needs no allocation to promise zeroes, so it reads back as a hole of zeroes),
+  // and a page written then trimmed at 3.5 MiB (a hole again).
   await nbdsh(
     `
 import os
@@ -33,6 +34,7 @@ h.connect_uri(os.environ['uri'])
 h.pwrite(b'\\xaa' * ${PAGE}, 0)
 h.pwrite(b'\\xbb' * 4096, ${MiB} + 100)
 h.pwrite(b'\\xcc' * ${2 * PAGE}, ${2 * MiB})
+h.pwrite(b'\\xee' * ${PAGE}, ${3 * MiB})
 h.zero(${PAGE}, ${3 * MiB}, nbd.CMD_FLAG_NO_HOLE)
 h.pwrite(b'\\xdd' * ${PAGE}, ${3.5 * MiB})
 h.trim(${PAGE}, ${3.5 * MiB})
@@ -73,9 +75,7 @@ const EXPECTED_MAP: [number, number, number, string][] = [
   [MiB, PAGE, 0, 'data'],
   [MiB + PAGE, MiB - PAGE, 3, 'hole,zero'],
   [2 * MiB, 2 * PAGE, 0, 'data'],
-  [2 * MiB + 2 * PAGE, MiB - 2 * PAGE, 3, 'hole,zero'],
-  [3 * MiB, PAGE, 0, 'data'],
-  [3 * MiB + PAGE, MiB - PAGE, 3, 'hole,zero'],
+  [2 * MiB + 2 * PAGE, 2 * MiB - 2 * PAGE, 3, 'hole,zero'],
 ];
 
 describe('nbdinfo', () => {
@@ -206,7 +206,7 @@ describe('nbdinfo', () => {
       .trim()
       .split('\n')
       .map((l) => l.trim().split(/\s+/));
-    const data = 5 * PAGE;
+    const data = 4 * PAGE;
     assert.deepEqual(totals, [
       [String(data), `${((100 * data) / (4 * MiB)).toFixed(1)}%`, '0', 'data'],
       [String(4 * MiB - data), `${((100 * (4 * MiB - data)) / (4 * MiB)).toFixed(1)}%`, '3', 'hole,zero'],
