@@ -7,6 +7,8 @@ import { Command } from 'commander';
 import { createRequire } from 'node:module';
 import { serveCommand } from './serve.js';
 import { ggatedCommand } from './ggated.js';
+import { ggatelCommand } from './ggatel.js';
+import { statusCommand } from './status.js';
 
 /** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
 function packageVersion(): string {
@@ -31,6 +33,8 @@ export function makeProgram(): Command {
     .showHelpAfterError();
   program.addCommand(serveCommand());
   program.addCommand(ggatedCommand());
+  program.addCommand(ggatelCommand());
+  program.addCommand(statusCommand());
   return program;
 }
 
