@@ -35,7 +35,9 @@ import { GgatedServer } from '../../src/server/ggated.js';
 const SEED = Number(process.env.GGATED_FUZZ_SEED ?? 0x6a7e);
 /** A case that has not ended by then is a hang. */
 const CASE_DEADLINE_MS = 5_000;
-const HANDSHAKE_TIMEOUT_MS = 200;
+const HANDSHAKE_TIMEOUT_MS = 300;
+/** Attempts to open a valid client pair (see openPair). */
+const PAIR_ATTEMPTS = 5;
 const HALF_OPEN_TIMEOUT_MS = 300;
 const MEDIASIZE = 1024 * 1024;
 const SECTOR = 512;
@@ -259,21 +261,57 @@ function streamMessage(): { hdr: Buffer; payload: Buffer | null } {
 /** How a stream ends. */
 type Ending = 'clean' | 'truncated-header' | 'truncated-payload' | 'huge-write' | 'vanish';
 
-async function runStream(port: number, token: number, ending: Ending): Promise<number> {
-  const rx = await Peer.open(port);
-  rx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_SEND, token)]));
-  const tx = await Peer.open(port);
-  tx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_RECV, token)]));
+/**
+ * Opens a client pair like ggatec (receive connection first, then send connection), with
+ * the handshake bytes consumed. The fuzz server's deadlines are short, so on a loaded
+ * machine it may close a connection before reading its cinit, or drop the first half
+ * before the second arrives: such an attempt is retried with a fresh token, as ggatec
+ * does; a refusal fails the test.
+ */
+async function openPair(port: number, token: number): Promise<{ rx: Peer; tx: Peer }> {
   const hs = GGATE_SIZE.VERSION_SIZE + GGATE_SIZE.SINIT_SIZE;
-  const deadline = Date.now() + CASE_DEADLINE_MS * 4;
-  assert.ok(await rx.until(() => rx.receivedBytes >= hs, deadline), 'rx handshake');
-  assert.ok(await tx.until(() => tx.receivedBytes >= hs, deadline), 'tx handshake');
-  for (const p of [rx, tx]) {
-    const s = decodeSinit(p.all(), GGATE_SIZE.VERSION_SIZE);
-    assert.ok(s.ok && s.value.errno === 0, 'stream admitted');
+  for (let attempt = 0; attempt < PAIR_ATTEMPTS; attempt++) {
+    const t = (token + attempt * 0x0100_0000) >>> 0;
+    const rx = await Peer.open(port);
+    rx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_SEND, t)]));
+    const tx = await Peer.open(port);
+    tx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_RECV, t)]));
+    const deadline = Date.now() + CASE_DEADLINE_MS;
+    const complete = (p: Peer) => p.receivedBytes >= hs;
+    assert.ok(await rx.until(() => complete(rx) || rx.ended, deadline), 'rx handshake bounded');
+    assert.ok(await tx.until(() => complete(tx) || tx.ended, deadline), 'tx handshake bounded');
+    if (!complete(rx) || !complete(tx)) {
+      rx.socket.destroy();
+      tx.socket.destroy();
+      continue;
+    }
+    for (const p of [rx, tx]) {
+      const sinit = decodeSinit(p.all(), GGATE_SIZE.VERSION_SIZE);
+      assert.ok(sinit.ok && sinit.value.errno === 0, 'pair admitted');
+      p.received = [p.all().subarray(hs)];
+      p.receivedBytes -= hs;
+    }
+    // Both halves admitted, but the first may have waited past the (short) half-open
+    // timeout and been dropped: a zero-length READ proves the pair is serving.
+    tx.socket.write(encodeHdr({ cmd: GGATE_CMD.GGATE_CMD_READ, offset: 0, length: 0, seq: 0, error: null }));
+    assert.ok(await rx.until(() => rx.receivedBytes >= GGATE_SIZE.HDR_SIZE || rx.ended, deadline), 'probe bounded');
+    if (rx.receivedBytes < GGATE_SIZE.HDR_SIZE) {
+      rx.socket.destroy();
+      tx.socket.destroy();
+      continue;
+    }
+    const probe = decodeHdr(rx.all());
+    assert.ok(probe.ok && probe.value.errno === 0 && probe.value.seq === 0, 'probe answered');
+    rx.received = [rx.all().subarray(GGATE_SIZE.HDR_SIZE)];
+    rx.receivedBytes -= GGATE_SIZE.HDR_SIZE;
+    return { rx, tx };
   }
-  rx.received = [rx.all().subarray(hs)];
-  rx.receivedBytes -= hs;
+  assert.fail(`no pair after ${PAIR_ATTEMPTS} attempts`);
+}
+
+async function runStream(port: number, token: number, ending: Ending): Promise<number> {
+  const { rx, tx } = await openPair(port, token);
+  const deadline = Date.now() + CASE_DEADLINE_MS * 4;
 
   const sent: Buffer[] = [];
   let expectedBytes = 0;
@@ -376,22 +414,16 @@ test('ggated survives more than 10,000 malformed or truncated messages over loop
   assert.equal(srv.errseq('/dev/mem0').peek(), 0, 'nothing recorded in the ErrSeq');
 
   // 3. A valid client is still served, correctly.
-  const token = 0x5eed;
-  const rx = await Peer.open(port);
-  rx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_SEND, token)]));
-  const tx = await Peer.open(port);
-  tx.socket.write(Buffer.concat([VERSION, validCinit(GGATE_FLAG.GGATE_FLAG_RECV, token)]));
-  const hs = GGATE_SIZE.VERSION_SIZE + GGATE_SIZE.SINIT_SIZE;
+  const { rx, tx } = await openPair(port, 0x5eed);
   const deadline = Date.now() + CASE_DEADLINE_MS;
-  assert.ok(await rx.until(() => rx.receivedBytes >= hs, deadline));
   const data = bytes(4096);
   tx.socket.write(encodeHdr({ cmd: GGATE_CMD.GGATE_CMD_WRITE, offset: 8192, length: 4096, seq: 1, error: null }));
   tx.socket.write(data);
   tx.socket.write(encodeHdr({ cmd: GGATE_CMD.GGATE_CMD_FLUSH, offset: MEDIASIZE, length: 0, seq: 2, error: null }));
   tx.socket.write(encodeHdr({ cmd: GGATE_CMD.GGATE_CMD_READ, offset: 8192, length: 4096, seq: 3, error: null }));
-  const want = hs + 3 * GGATE_SIZE.HDR_SIZE + 4096;
+  const want = 3 * GGATE_SIZE.HDR_SIZE + 4096;
   assert.ok(await rx.until(() => rx.receivedBytes >= want, deadline), 'valid client answered');
-  const got = rx.all().subarray(hs);
+  const got = rx.all();
   for (let k = 0; k < 3; k++) {
     const h = decodeHdr(got, k * GGATE_SIZE.HDR_SIZE);
     assert.ok(h.ok && h.value.errno === 0 && h.value.seq === k + 1);

@@ -698,7 +698,7 @@ describe('ggated: pairing and handshake refusals (W5)', () => {
   test('bad magic, bad version, a stalled or truncated version packet: closed without a reply', async () => {
     const { server, port } = await start('127.0.0.1 RW /dev/mem0\n', {
       stacks: { '/dev/mem0': { backend: { type: 'memory', size: '1M' } } },
-      limits: { handshakeTimeoutMs: 150 },
+      limits: { handshakeTimeoutMs: 400 },
     });
     const badMagic = encodeVersion({ version: 0, error: null });
     badMagic[15] = 0x21;
