@@ -542,6 +542,29 @@ describe('ggated: exports file rules', () => {
     await stop(server);
   });
 
+  test('on a dual-stack listener, IPv4-mapped peers match IPv4 exports and IPv6 peers are refused', async () => {
+    const entries = await resolveExports(parseExports('127.0.0.1 RW /dev/mem0\n'), async () => '127.0.0.1');
+    const server = new GgatedServer({ exports: entries, stacks: { '/dev/mem0': { backend: { type: 'memory', size: '1M' } } } });
+    servers.add(server);
+    const { port } = await server.listen({ host: '::', port: 0 });
+    // Conn.open connects to 127.0.0.1: the server sees ::ffff:127.0.0.1.
+    const c = await Client.open(port, '/dev/mem0');
+    await c.write(0, pattern(512, 6));
+    c.close();
+    const v6 = await new Promise<net.Socket>((resolve, reject) => {
+      const s = net.connect({ port, host: '::1' }, () => resolve(s));
+      s.once('error', reject);
+    });
+    const conn = new Conn(v6);
+    conn.write(encodeVersion({ version: 0, error: null }));
+    await conn.read(GGATE_SIZE.VERSION_SIZE);
+    conn.write(encodeCinit({ path: '/dev/mem0', flags: GGATE_FLAG.GGATE_FLAG_SEND, nconn: 2, token: nextToken++ }));
+    const s = decodeSinit(await conn.read(GGATE_SIZE.SINIT_SIZE));
+    assert.ok(s.ok);
+    assert.equal(s.value.error, 'EPERM');
+    await stop(server);
+  });
+
   test('a stack that cannot write refuses write access with EROFS', async () => {
     const { server, port } = await start('127.0.0.1 RW /dev/ro\n', {
       stacks: { '/dev/ro': { backend: { type: 'memory', size: '1M' }, filters: [{ type: 'readonly' }] } },
