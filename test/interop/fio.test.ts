@@ -43,7 +43,7 @@ interface FioJob {
 
 /** Runs fio with JSON output and returns its jobs (fio prints a line before the JSON). */
 async function fio(args: string[]): Promise<FioJob[]> {
-  const r = await runOk('fio', ['--ioengine=nbd', '--output-format=json', '--randrepeat=1', '--randseed=1234', ...args]);
+  const r = await runOk('fio', ['--ioengine=nbd', '--verify_state_save=0', '--output-format=json', '--randrepeat=1', '--randseed=1234', ...args]);
   assert.doesNotMatch(r.stderr, /verify|bad magic|crc32c/i, r.stderr);
   const json = r.stdout.slice(r.stdout.indexOf('{'));
   return (JSON.parse(json) as { jobs: FioJob[] }).jobs;
