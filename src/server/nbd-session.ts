@@ -648,7 +648,6 @@ export class NbdSession implements ExportSession {
     if (this.#mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE && payload === null) {
       return new BlockError('EINVAL', 'WRITE without NBD_CMD_FLAG_PAYLOAD_LEN');
     }
-    const name = commandName(h.type);
     switch (h.type) {
       case C.NBD_CMD_FLUSH:
         if (h.offset !== 0 || h.length !== 0) return new BlockError('EINVAL', 'FLUSH offset and length must be 0');
@@ -682,7 +681,7 @@ export class NbdSession implements ExportSession {
       checkAlignment(dev, op, h.offset, h.length);
     } catch (e) {
       const be = toBlockError(e);
-      return new BlockError(be.code, `${name}: ${be.message}`);
+      return new BlockError(be.code, `${commandName(h.type)}: ${be.message}`);
     }
     return null;
   }
