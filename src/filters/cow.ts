@@ -3,11 +3,15 @@
  * filter, overlayfs' upper directory).
  *
  * Writes go to an *upper store*, a device of the base's size with its own ErrSeq (it
- * plays overlayfs' upper filesystem and its `s_wb_err`). Allocation is tracked in
- * COW_BLOCK_SIZE blocks: a block is read from the upper store once it has been written,
- * from the base before. A write that covers a block only in part first copies the rest
- * of that block up from the base. Trims are hints and do nothing (the block keeps what
- * it holds); zeroes are written to the upper store.
+ * plays overlayfs' upper filesystem and its `s_wb_err`). Each COW_BLOCK_SIZE block is in
+ * one of three states, kept as a sorted list of block ranges (so memory follows how
+ * fragmented the overlay is, never the device size): *base* (read from the base),
+ * *upper* (read from the upper store) or *zero* (reads as zeroes, nothing stored). A
+ * write that covers a block only in part first copies the rest of that block up (from
+ * the base, or zeroes for a zero block). A zero marks whole blocks *zero* without any
+ * I/O, so zeroing a whole device is cheap even over a file upper store; only its
+ * partial end blocks are written. Trims are hints and do nothing (a block keeps what it
+ * holds).
  *
  * The upper store is `upper: 'memory'` (default) or `'file'` (a temporary file in
  * `dir`, removed at close), optionally under its own filters (`upperFilters`, top
@@ -35,7 +39,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import * as v from 'valibot';
 import { FilterDevice } from '../device/filter.js';
-import { REQ, type BlockDevice, type BlockSize, type Capabilities, type Extent } from '../device/types.js';
+import { EXTENT, REQ, type BlockDevice, type BlockSize, type Capabilities, type Extent } from '../device/types.js';
 import type { LayerDescription, StackContext } from '../device/stack.js';
 import { BlockError, codeFromLinux, toBlockError } from '../errors/index.js';
 import { ErrSeq } from '../errseq/index.js';
@@ -44,11 +48,8 @@ import { booleanSetting, closedError, parseSettings, settingsSchema } from '../b
 /** Allocation granule of the upper store: 64 KiB, as nbdkit's cow filter. */
 export const COW_BLOCK_SIZE = 64 * 1024;
 
-/**
- * One extents() call looks at no more than this many blocks (4 GiB); the caller asks
- * again from where the answer stopped. Bounds the work of one request on a huge device.
- */
-export const MAX_COW_EXTENT_BLOCKS = 65536;
+/** At most this many extents are returned by one extents() call (the caller asks again). */
+export const MAX_COW_EXTENTS = 1024;
 
 /** Kinds of upper store the factory can make. */
 export const COW_UPPER_KINDS = ['memory', 'file'] as const;
@@ -78,10 +79,109 @@ export interface CowOptions {
   readonly cleanup?: () => void | Promise<void>;
 }
 
+/** Where a block's contents are. */
+export type CowBlockState = 'base' | 'upper' | 'zero';
+
+/** A range of blocks [start, end) in one state other than 'base'. */
+interface BlockRange {
+  readonly start: number;
+  readonly end: number;
+  readonly state: Exclude<CowBlockState, 'base'>;
+}
+
+/** A byte range [start, end) in one state. */
 interface Run {
   readonly start: number;
   readonly end: number;
-  readonly upper: boolean;
+  readonly state: CowBlockState;
+}
+
+/**
+ * The state of every block: sorted, disjoint, maximal ranges of 'upper' and 'zero'
+ * blocks; blocks in no range are 'base'. Setting a range is one binary search and one
+ * splice, so its cost follows the number of ranges, not the number of blocks.
+ */
+export class BlockMap {
+  #ranges: BlockRange[] = [];
+
+  /** Index of the first range ending after block `i`. */
+  #firstEndingAfter(i: number): number {
+    const r = this.#ranges;
+    let lo = 0;
+    let hi = r.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if (r[mid]!.end <= i) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
+  }
+
+  get(i: number): CowBlockState {
+    const r = this.#ranges[this.#firstEndingAfter(i)];
+    return r && r.start <= i ? r.state : 'base';
+  }
+
+  /** True if every block of [start, end) is in `state` (one range covers it, ranges being maximal). */
+  covers(start: number, end: number, state: Exclude<CowBlockState, 'base'>): boolean {
+    const r = this.#ranges[this.#firstEndingAfter(start)];
+    return r !== undefined && r.state === state && r.start <= start && r.end >= end;
+  }
+
+  /** Puts blocks [start, end) in `state`, merging with neighbours in the same state. */
+  set(start: number, end: number, state: Exclude<CowBlockState, 'base'>): void {
+    if (end <= start) return;
+    const r = this.#ranges;
+    let i = this.#firstEndingAfter(start);
+    if (i > 0 && r[i - 1]!.end === start && r[i - 1]!.state === state) i--;
+    let j = i;
+    let newStart = start;
+    let newEnd = end;
+    const left: BlockRange[] = [];
+    const right: BlockRange[] = [];
+    for (; j < r.length; j++) {
+      const x = r[j]!;
+      // Past the range, or only touching it in another state: untouched.
+      if (x.start > end || (x.start === end && x.state !== state)) break;
+      if (x.state === state) {
+        newStart = Math.min(newStart, x.start);
+        newEnd = Math.max(newEnd, x.end);
+      } else {
+        if (x.start < start) left.push({ start: x.start, end: start, state: x.state });
+        if (x.end > end) right.push({ start: end, end: x.end, state: x.state });
+      }
+    }
+    r.splice(i, j - i, ...left, { start: newStart, end: newEnd, state }, ...right);
+  }
+
+  /** Blocks held in `state`. */
+  count(state: Exclude<CowBlockState, 'base'>): number {
+    let n = 0;
+    for (const x of this.#ranges) if (x.state === state) n += x.end - x.start;
+    return n;
+  }
+
+  /** True if no block is out of the base. */
+  get empty(): boolean {
+    return this.#ranges.length === 0;
+  }
+
+  /** [start, end) of block indexes cut into maximal runs of one state. */
+  runs(start: number, end: number): { start: number; end: number; state: CowBlockState }[] {
+    const out: { start: number; end: number; state: CowBlockState }[] = [];
+    let pos = start;
+    for (let i = this.#firstEndingAfter(start); i < this.#ranges.length && pos < end; i++) {
+      const x = this.#ranges[i]!;
+      if (x.start >= end) break;
+      if (x.start > pos) out.push({ start: pos, end: x.start, state: 'base' });
+      const s = Math.max(x.start, pos);
+      const e = Math.min(x.end, end);
+      out.push({ start: s, end: e, state: x.state });
+      pos = e;
+    }
+    if (pos < end) out.push({ start: pos, end, state: 'base' });
+    return out;
+  }
 }
 
 /** Copy-on-write over `next` (the base). */
@@ -91,8 +191,8 @@ export class CowFilter extends FilterDevice {
   readonly #volatile: boolean;
   readonly #cleanup: (() => void | Promise<void>) | undefined;
   readonly #blockSize: BlockSize;
-  /** Indexes of the blocks that live in the upper store. */
-  readonly #allocated = new Set<number>();
+  /** Where each block's contents are. */
+  readonly #blocks = new BlockMap();
   /** Volatile: the upper ErrSeq at attach; normal: this overlay's flush cursor. */
   #since: number;
   #failed = false;
@@ -152,9 +252,13 @@ export class CowFilter extends FilterDevice {
   get volatile(): boolean {
     return this.#volatile;
   }
-  /** Bytes held in the upper store (a multiple of COW_BLOCK_SIZE). */
+  /** Bytes of blocks held in the upper store (a multiple of COW_BLOCK_SIZE). */
   get allocatedBytes(): number {
-    return this.#allocated.size * COW_BLOCK_SIZE;
+    return this.#blocks.count('upper') * COW_BLOCK_SIZE;
+  }
+  /** The state of the block holding byte `offset` (for tests and tools). */
+  blockState(offset: number): CowBlockState {
+    return this.#blocks.get(Math.floor(offset / COW_BLOCK_SIZE));
   }
   /**
    * Volatile mode: true once the upper store has had an error since attach. Looking
@@ -170,7 +274,9 @@ export class CowFilter extends FilterDevice {
     const jobs: Promise<void>[] = [];
     for (const r of this.#runs(offset, offset + buf.length)) {
       const part = buf.subarray(r.start - offset, r.end - offset);
-      jobs.push(r.upper ? this.#upper.read(part, r.start, 0) : this.next.read(part, r.start, flags));
+      if (r.state === 'upper') jobs.push(this.#upper.read(part, r.start, 0));
+      else if (r.state === 'base') jobs.push(this.next.read(part, r.start, flags));
+      else part.fill(0);
     }
     await Promise.all(jobs);
     this.#checkOpen('read');
@@ -185,7 +291,7 @@ export class CowFilter extends FilterDevice {
   override async zero(offset: number, length: number, flags: number): Promise<void> {
     this.#checkOpen('zero');
     if (flags & REQ.FAST_ZERO) throw new BlockError('EOPNOTSUPP', 'zero: the cow filter cannot zero fast');
-    if (length > 0) await this.#modify(offset, length, () => this.#upper.zero(offset, length, flags & REQ.NO_HOLE));
+    if (length > 0) await this.#zero(offset, length, flags & REQ.NO_HOLE);
     if (flags & REQ.FUA) await this.#durable('zero');
   }
 
@@ -210,13 +316,11 @@ export class CowFilter extends FilterDevice {
     }
   }
 
-  /** Blocks in the upper store are data; the rest is as the base says. */
+  /** Blocks in the upper store are data, zero blocks read as zeroes, the rest is as the base says. */
   override async extents(offset: number, length: number, flags: number): Promise<Extent[]> {
     this.#checkOpen('extents');
-    if (this.#allocated.size === 0) return this.next.extents(offset, length, flags);
-    const size = this.size;
-    let end = length === 0 ? Math.min(size, offset + COW_BLOCK_SIZE) : Math.min(size, offset + length);
-    end = Math.min(end, (Math.floor(offset / COW_BLOCK_SIZE) + MAX_COW_EXTENT_BLOCKS) * COW_BLOCK_SIZE);
+    if (this.#blocks.empty) return this.next.extents(offset, length, flags);
+    const end = length === 0 ? Math.min(this.size, offset + COW_BLOCK_SIZE) : Math.min(this.size, offset + length);
     const out: Extent[] = [];
     const push = (start: number, stop: number, f: number): void => {
       const prev = out[out.length - 1];
@@ -227,8 +331,10 @@ export class CowFilter extends FilterDevice {
       }
     };
     for (const r of this.#runs(offset, end)) {
-      if (r.upper) {
-        push(r.start, r.end, 0);
+      if (out.length >= MAX_COW_EXTENTS || (flags & REQ.REQ_ONE && out.length > 0)) break;
+      if (r.state !== 'base') {
+        // Zero blocks hold nothing, but NO_HOLE may have asked for allocation: ZERO only.
+        push(r.start, r.end, r.state === 'upper' ? 0 : EXTENT.ZERO);
         continue;
       }
       const base = await this.next.extents(r.start, r.end - r.start, flags);
@@ -243,7 +349,7 @@ export class CowFilter extends FilterDevice {
       if (reached < r.end) break;
     }
     if (out.length === 0) return [];
-    return flags & REQ.REQ_ONE ? out.slice(0, 1) : out;
+    return flags & REQ.REQ_ONE ? out.slice(0, 1) : out.slice(0, MAX_COW_EXTENTS);
   }
 
   override async cache(offset: number, length: number, flags: number): Promise<void> {
@@ -285,57 +391,93 @@ export class CowFilter extends FilterDevice {
     await this.#upper.flush(0);
   }
 
-  /**
-   * Runs `change` (a write to the upper store over [offset, offset + length)) after
-   * copying up the parts of its first and last blocks that it does not cover, then
-   * marks the blocks allocated. Changes that copy up run one at a time, so two partial
-   * writes into one new block cannot both copy it and lose one another's bytes.
-   */
-  async #modify(offset: number, length: number, change: () => Promise<void>): Promise<void> {
-    const first = Math.floor(offset / COW_BLOCK_SIZE);
-    const last = Math.floor((offset + length - 1) / COW_BLOCK_SIZE);
-    if (this.#allAllocated(first, last)) return change();
-    const run = this.#copyUpTail.then(async () => {
-      const end = offset + length;
-      const parts: [number, number][] = [];
-      const headStart = first * COW_BLOCK_SIZE;
-      if (!this.#allocated.has(first) && headStart < offset) parts.push([headStart, offset]);
-      const tailEnd = Math.min((last + 1) * COW_BLOCK_SIZE, this.size);
-      if (!this.#allocated.has(last) && end < tailEnd) parts.push([end, tailEnd]);
-      for (const [s, e] of parts) {
-        const b = Buffer.alloc(e - s);
-        await this.next.read(b, s, 0);
-        await this.#upper.write(b, s, 0);
-      }
-      await change();
-      for (let i = first; i <= last; i++) this.#allocated.add(i);
-    });
-    this.#copyUpTail = run.catch(() => undefined);
+  /** Runs `fn` after every earlier copy-up or zero has finished (see #modify). */
+  #serialised<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.#copyUpTail.then(fn);
+    this.#copyUpTail = run.then(
+      () => undefined,
+      () => undefined,
+    );
     return run.catch((e: unknown) => {
       throw toBlockError(e);
     });
   }
 
-  #allAllocated(first: number, last: number): boolean {
-    for (let i = first; i <= last; i++) if (!this.#allocated.has(i)) return false;
-    return true;
+  /**
+   * Runs `change` (a write to the upper store over [offset, offset + length)) and
+   * marks its blocks 'upper'. Blocks already in the upper store need nothing else; for
+   * the others, the parts of the first and last block that `change` does not cover
+   * are copied up first (from the base, or zeroes for a zero block). Such changes run
+   * one at a time, so two partial writes into one new block cannot both copy it up and
+   * lose one another's bytes.
+   */
+  async #modify(offset: number, length: number, change: () => Promise<void>): Promise<void> {
+    const first = Math.floor(offset / COW_BLOCK_SIZE);
+    const last = Math.floor((offset + length - 1) / COW_BLOCK_SIZE);
+    if (this.#blocks.covers(first, last + 1, 'upper')) return change();
+    return this.#serialised(() => this.#copyUpAndChange(offset, length, change));
   }
 
-  /** [start, end) cut into maximal runs of blocks in the upper store or in the base. */
-  #runs(start: number, end: number): Run[] {
-    const out: Run[] = [];
-    let pos = start;
-    while (pos < end) {
-      const index = Math.floor(pos / COW_BLOCK_SIZE);
-      const upper = this.#allocated.has(index);
-      let stop = Math.min(end, (index + 1) * COW_BLOCK_SIZE);
-      while (stop < end && this.#allocated.has(Math.floor(stop / COW_BLOCK_SIZE)) === upper) {
-        stop = Math.min(end, stop + COW_BLOCK_SIZE);
-      }
-      out.push({ start: pos, end: stop, upper });
-      pos = stop;
+  /** The body of #modify; the caller holds the copy-up turn. */
+  async #copyUpAndChange(offset: number, length: number, change: () => Promise<void>): Promise<void> {
+    const end = offset + length;
+    const first = Math.floor(offset / COW_BLOCK_SIZE);
+    const last = Math.floor((end - 1) / COW_BLOCK_SIZE);
+    const parts: [number, number, CowBlockState][] = [];
+    const headStart = first * COW_BLOCK_SIZE;
+    const headState = this.#blocks.get(first);
+    if (headState !== 'upper' && headStart < offset) parts.push([headStart, offset, headState]);
+    const tailEnd = Math.min((last + 1) * COW_BLOCK_SIZE, this.size);
+    const tailState = this.#blocks.get(last);
+    if (tailState !== 'upper' && end < tailEnd) parts.push([end, tailEnd, tailState]);
+    for (const [s, e, state] of parts) {
+      const b = Buffer.alloc(e - s);
+      if (state === 'base') await this.next.read(b, s, 0);
+      await this.#upper.write(b, s, 0);
     }
-    return out;
+    await change();
+    this.#blocks.set(first, last + 1, 'upper');
+  }
+
+  /**
+   * zero(): whole blocks become 'zero' blocks without any I/O (their old upper copies
+   * are trimmed, a hint); the partial blocks at either end are zeroed in the upper store.
+   */
+  #zero(offset: number, length: number, noHole: number): Promise<void> {
+    const end = offset + length;
+    const B = COW_BLOCK_SIZE;
+    const firstFull = Math.ceil(offset / B);
+    // The device's last block may be short: a range reaching the end covers it whole.
+    const endFull = end === this.size ? Math.ceil(end / B) : Math.floor(end / B);
+    const zeroIn = (s: number, e: number): Promise<void> =>
+      this.#copyUpAndChange(s, e - s, () => this.#upper.zero(s, e - s, noHole));
+    return this.#serialised(async () => {
+      if (firstFull >= endFull) {
+        await zeroIn(offset, end);
+        return;
+      }
+      if (offset < firstFull * B) await zeroIn(offset, firstFull * B);
+      if (endFull * B < end) await zeroIn(endFull * B, end);
+      const wasUpper = this.#blocks.runs(firstFull, endFull).filter((r) => r.state === 'upper');
+      this.#blocks.set(firstFull, endFull, 'zero');
+      for (const r of wasUpper) {
+        const s = r.start * B;
+        const e = Math.min(r.end * B, this.size);
+        // Only frees space in the upper store; the block reads as zeroes either way.
+        await this.#upper.trim(s, e - s, 0).catch(() => undefined);
+      }
+    });
+  }
+
+  /** [start, end) in bytes, cut into maximal runs of blocks in one state. */
+  #runs(start: number, end: number): Run[] {
+    if (end <= start) return [];
+    const B = COW_BLOCK_SIZE;
+    return this.#blocks.runs(Math.floor(start / B), Math.floor((end - 1) / B) + 1).map((r) => ({
+      start: Math.max(start, r.start * B),
+      end: Math.min(end, r.end * B),
+      state: r.state,
+    }));
   }
 }
 

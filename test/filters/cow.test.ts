@@ -9,7 +9,8 @@ import { newStackContext } from '../../src/device/stack.js';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { FileDevice } from '../../src/backends/file.js';
 import { ErrSeq } from '../../src/errseq/index.js';
-import { COW_BLOCK_SIZE, CowFilter, cowFilter } from '../../src/filters/cow.js';
+import fc from 'fast-check';
+import { BlockMap, COW_BLOCK_SIZE, CowFilter, cowFilter, type CowBlockState } from '../../src/filters/cow.js';
 import { WritebackFilter } from '../../src/filters/writeback.js';
 import { createStack } from '../../src/filters/registry.js';
 import { runContract } from '../backends/contract.js';
@@ -117,16 +118,86 @@ describe('cow filter', () => {
     assert.deepEqual(await readAt(dev, 0, B), expected);
   });
 
-  test('extents: blocks in the upper store are data, the rest is as the base says', async () => {
+  test('extents: blocks in the upper store are data, zero blocks read as zero, the rest is as the base says', async () => {
     const b = await base();
     const { dev } = make(b);
     await dev.zero(10 * B, 2 * B, 0);
+    await dev.write(Buffer.alloc(1), 13 * B, 0);
     assert.deepEqual(await dev.extents(8 * B, 6 * B, 0), [
       { offset: 8 * B, length: 2 * B, flags: EXTENT.HOLE | EXTENT.ZERO },
-      { offset: 10 * B, length: 2 * B, flags: 0 },
-      { offset: 12 * B, length: 2 * B, flags: EXTENT.HOLE | EXTENT.ZERO },
+      { offset: 10 * B, length: 2 * B, flags: EXTENT.ZERO },
+      { offset: 12 * B, length: B, flags: EXTENT.HOLE | EXTENT.ZERO },
+      { offset: 13 * B, length: B, flags: 0 },
     ]);
     assert.deepEqual(await dev.extents(8 * B, 6 * B, REQ.REQ_ONE), [{ offset: 8 * B, length: 2 * B, flags: EXTENT.HOLE | EXTENT.ZERO }]);
+  });
+
+  test('zeroing whole blocks stores nothing; only partial end blocks are written', async () => {
+    const b = await base();
+    const { dev, upper } = make(b);
+    await dev.write(Buffer.alloc(B, 5), 5 * B, 0);
+    assert.equal(dev.allocatedBytes, B);
+    await dev.zero(100, SIZE - 100, 0); // to the end: the short last block counts as whole
+    assert.deepEqual(
+      upper.calls.filter((c) => c.op !== 'read').map((c) => `${c.op}@${c.offset}+${c.length}`),
+      [`write@${5 * B}+${B}`, 'write@0+100', 'zero@100+65436', `trim@${5 * B}+${B}`],
+    );
+    assert.equal(dev.blockState(0), 'upper');
+    assert.equal(dev.blockState(5 * B), 'zero');
+    assert.equal(dev.blockState(SIZE - 1), 'zero');
+    assert.equal(dev.allocatedBytes, B);
+    const expected = Buffer.alloc(300000);
+    expected.fill(0x42, 0, 100);
+    assert.deepEqual(await readAt(dev, 0, 300000), expected);
+    assert.deepEqual(await readAt(dev, SIZE - 1000, 1000), Buffer.alloc(1000));
+  });
+
+  test('a partial write into a zero block copies up zeroes, not the base', async () => {
+    const b = await base();
+    const { dev } = make(b);
+    await dev.zero(0, B, 0);
+    assert.equal(dev.blockState(0), 'zero');
+    await dev.write(Buffer.alloc(10, 9), 1000, 0);
+    const expected = Buffer.alloc(B);
+    expected.fill(9, 1000, 1010);
+    assert.deepEqual(await readAt(dev, 0, B), expected);
+    assert.equal(dev.blockState(0), 'upper');
+  });
+
+  test('BlockMap matches a per-block model under random set() calls (property)', () => {
+    const N = 64;
+    fc.assert(
+      fc.property(
+        fc.array(fc.record({ s: fc.nat(N - 1), n: fc.integer({ min: 1, max: 20 }), state: fc.constantFrom('upper', 'zero') }), {
+          maxLength: 40,
+        }),
+        (ops) => {
+          const map = new BlockMap();
+          const model: CowBlockState[] = Array.from({ length: N }, () => 'base');
+          for (const o of ops) {
+            const e = Math.min(N, o.s + o.n);
+            map.set(o.s, e, o.state as 'upper' | 'zero');
+            for (let i = o.s; i < e; i++) model[i] = o.state as CowBlockState;
+          }
+          for (let i = 0; i < N; i++) assert.equal(map.get(i), model[i], `block ${i}`);
+          const runs = map.runs(0, N);
+          let pos = 0;
+          for (const [k, r] of runs.entries()) {
+            assert.equal(r.start, pos);
+            assert.ok(r.end > r.start);
+            if (k > 0) assert.notEqual(r.state, runs[k - 1]!.state, 'runs are maximal');
+            for (let i = r.start; i < r.end; i++) assert.equal(model[i], r.state);
+            pos = r.end;
+          }
+          assert.equal(pos, N);
+          assert.equal(map.count('upper'), model.filter((x) => x === 'upper').length);
+          for (let i = 0; i + 3 <= N; i += 3) {
+            assert.equal(map.covers(i, i + 3, 'upper'), model.slice(i, i + 3).every((x) => x === 'upper'));
+          }
+        },
+      ),
+      { numRuns: 300 },
+    );
   });
 
   test('capabilities: writable over a read-only base; FAST_ZERO is refused', async () => {
