@@ -35,6 +35,7 @@ import {
   encodeJsonReply,
   encodeStartReply,
   type ControlRequest,
+  type Frame,
   type RequestHeader,
   defaultControlPath,
 } from './control-protocol.js';
@@ -198,6 +199,9 @@ class ControlConnection {
   readonly #onClosed: () => void;
   #closed = false;
   #paused = false;
+  /** Frames decoded and not yet run (see #drain), from index #backlogAt on. */
+  #backlog: Frame<RequestHeader>[] = [];
+  #backlogAt = 0;
 
   constructor(socket: net.Socket, server: ControlServer, onClosed: () => void) {
     this.#socket = socket;
@@ -229,14 +233,36 @@ class ControlConnection {
       this.#fatal(e);
       return;
     }
-    for (const f of frames) {
-      if (this.#closed) return;
+    if (frames.length === 0) return;
+    if (this.#backlogAt === this.#backlog.length) {
+      this.#backlog = frames;
+      this.#backlogAt = 0;
+    } else {
+      this.#backlog = [...this.#backlog.slice(this.#backlogAt), ...frames];
+      this.#backlogAt = 0;
+    }
+    this.#drain();
+  }
+
+  /**
+   * Runs decoded frames until none is left or the connection has MAX_CALLS_IN_FLIGHT
+   * calls in flight; the rest wait (with the socket paused) until calls finish. The
+   * backlog holds at most the frames of one socket chunk.
+   */
+  #drain(): void {
+    while (this.#backlogAt < this.#backlog.length && !this.#closed) {
+      if (this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT) break;
+      const f = this.#backlog[this.#backlogAt++]!;
       try {
         this.#onFrame(f.header, f.body);
       } catch (e) {
         this.#fatal(e);
         return;
       }
+    }
+    if (this.#backlogAt === this.#backlog.length) {
+      this.#backlog = [];
+      this.#backlogAt = 0;
     }
     this.#maybePause();
   }
@@ -366,7 +392,8 @@ class ControlConnection {
   /** Stops reading while too many calls are in flight or the peer is not reading replies. */
   #maybePause(): void {
     if (this.#paused || this.#closed) return;
-    if (this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT || this.#socket.writableNeedDrain) {
+    const backlog = this.#backlogAt < this.#backlog.length;
+    if (backlog || this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT || this.#socket.writableNeedDrain) {
       this.#paused = true;
       this.#socket.pause();
     }
@@ -376,7 +403,8 @@ class ControlConnection {
     if (!this.#paused || this.#closed) return;
     if (this.#calls.size < CONTROL.MAX_CALLS_IN_FLIGHT && !this.#socket.writableNeedDrain) {
       this.#paused = false;
-      this.#socket.resume();
+      this.#drain();
+      if (!this.#paused) this.#socket.resume();
     }
   }
 

@@ -150,8 +150,9 @@ describe('serveGate over the control socket', () => {
     const loop = serveGate(other, unit, memoryHandler(Buffer.alloc(MEDIA)));
     await big;
     // The server goes away: the loop rejects (a transport failure, not the gate's end).
+    const lost = rejectsWith(loop, 'ECONNRESET');
     await fx.control.close();
-    await rejectsWith(loop, 'ECONNRESET');
+    await lost;
     await dev.close();
   });
 

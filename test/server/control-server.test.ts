@@ -9,7 +9,7 @@ import { GATE, GATE_FLAG } from '../../src/gate/index.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
 import { ControlServer } from '../../src/server/control-server.js';
 import { GateService } from '../../src/server/control-gates.js';
-import { CONTROL_OP, encodeRequest } from '../../src/server/control-protocol.js';
+import { CONTROL, CONTROL_OP, encodeRequest } from '../../src/server/control-protocol.js';
 import { startControl, until, type ControlFixture } from '../client/control-fixture.js';
 
 async function rejectsWith(p: Promise<unknown>, code: ErrnoCode, re?: RegExp): Promise<void> {
@@ -277,6 +277,25 @@ describe('control socket: connections', () => {
     assert.equal(CONTROL_OP.START, 4);
   });
 
+  test('a connection with MAX_CALLS_IN_FLIGHT calls in flight is not read further until some finish', async () => {
+    const c = await fx.connect();
+    const unit = await c.create({ mediasize: 1 << 20, sectorsize: 512 });
+    const extra = 10;
+    const starts = Array.from({ length: CONTROL.MAX_CALLS_IN_FLIGHT + extra }, () => track(c.start({ unit, length: 0 })));
+    await until(() => fx.registry.list()[0]?.sleeping === CONTROL.MAX_CALLS_IN_FLIGHT, 'the limit reached');
+    for (let i = 0; i < 20; i++) await new Promise<void>((resolve) => setImmediate(resolve));
+    assert.equal(fx.registry.list()[0]!.sleeping, CONTROL.MAX_CALLS_IN_FLIGHT, 'no call beyond the limit was read');
+    // Destroying the gate ends the STARTs in flight; the server reads on, and the rest
+    // find no gate.
+    const admin = await fx.connect();
+    await admin.destroy({ unit, force: false });
+    await until(() => starts.every((s) => s.settled), 'every START answered', 200_000);
+    assert.equal(starts.filter((s) => (s.value as { error?: string } | undefined)?.error === 'ECANCELED').length, CONTROL.MAX_CALLS_IN_FLIGHT);
+    const failed = starts.filter((s) => s.error !== undefined);
+    assert.equal(failed.length, extra);
+    assert.ok(failed.every((s) => s.error instanceof BlockError && s.error.code === 'ENXIO'));
+  });
+
   test('calls on a closed client reject ECONNRESET; a server that goes away fails calls in flight', async () => {
     const c = await fx.connect();
     const unit = await c.create({ mediasize: 1 << 20, sectorsize: 512 });
@@ -285,7 +304,7 @@ describe('control socket: connections', () => {
     await fx.control.close();
     await rejectsWith(s.promise, 'ECONNRESET');
     await rejectsWith(c.list(), 'ECONNRESET');
-    assert.equal(fx.registry.list()[0]!.sleeping, 0);
+    await until(() => fx.registry.list()[0]?.sleeping === 0, 'the server side interrupted the START');
   });
 });
 
