@@ -247,7 +247,9 @@ class ControlConnection {
   /**
    * Runs decoded frames until none is left or the connection has MAX_CALLS_IN_FLIGHT
    * calls in flight; the rest wait (with the socket paused) until calls finish. The
-   * backlog holds at most the frames of one socket chunk.
+   * backlog holds at most the frames of one socket chunk. While paused, a peer that
+   * hangs up is noticed only when a reply is written or the pause ends; handlers built
+   * with serveGate stay far below the limit (MAX_GATE_CONCURRENCY).
    */
   #drain(): void {
     while (this.#backlogAt < this.#backlog.length && !this.#closed) {

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
+import fc from 'fast-check';
 import { BlockError, type ErrnoCode } from '../../src/errors/index.js';
 import { GATE, GATE_FLAG } from '../../src/gate/index.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
@@ -294,6 +295,41 @@ describe('control socket: connections', () => {
     const failed = starts.filter((s) => s.error !== undefined);
     assert.equal(failed.length, extra);
     assert.ok(failed.every((s) => s.error instanceof BlockError && s.error.code === 'ENXIO'));
+  });
+
+  test('random bytes, with and without a valid header in front, never take the server down', async () => {
+    const unit = await (await fx.connect()).create({ mediasize: 1 << 20, sectorsize: 512 });
+    const header = (op: number, len: number): Buffer => {
+      const h = Buffer.alloc(16);
+      h.writeUInt32BE(CONTROL.REQUEST_MAGIC, 0);
+      h.writeUInt16BE(GATE.VERSION, 4);
+      h.writeUInt16BE(op, 6);
+      h.writeUInt32BE(1, 8);
+      h.writeUInt32BE(len, 12);
+      return h;
+    };
+    const inputs = fc.sample(
+      fc.oneof(
+        fc.uint8Array({ maxLength: 300 }).map((a) => Buffer.from(a)),
+        fc
+          .tuple(fc.constantFrom(0, 1, 2, 3, 4, 5, 16, 17, 18, 99), fc.uint8Array({ maxLength: 300 }))
+          .map(([op, body]) => Buffer.concat([header(op, body.length), Buffer.from(body)])),
+      ),
+      { numRuns: 60, seed: 4242 },
+    );
+    for (const bytes of inputs) {
+      await new Promise<void>((resolve) => {
+        const s = net.connect(fx.ctlPath, () => s.end(bytes));
+        s.on('error', () => undefined);
+        s.on('data', () => undefined);
+        s.on('close', () => resolve());
+      });
+    }
+    await until(() => fx.control.connectionCount === 1, 'fuzz connections closed (the creator’s remains)');
+    const c = await fx.connect();
+    const g = (await c.list()).find((x) => x.unit === unit);
+    assert.ok(g, 'the server still answers');
+    assert.equal(g.sleeping, 0, 'no START left behind by closed connections');
   });
 
   test('calls on a closed client reject ECONNRESET; a server that goes away fails calls in flight', async () => {
