@@ -3,7 +3,8 @@
  * socket carrying the gate calls in the binary protocol of control-protocol.ts.
  *
  * Access: the socket file is created with mode 0600 (owner only), in a directory that
- * blockgate creates with mode 0700 when it creates it. Node does not expose the peer's
+ * blockgate creates with mode 0700 when it creates it, and refuses to use if another
+ * user could replace the socket (see checkSocketDir). Node does not expose the peer's
  * credentials (SO_PEERCRED), so no per-connection uid check is made: the file mode is
  * the access control, as /dev/ggctl's 0600 root:wheel is on FreeBSD.
  *
@@ -112,6 +113,7 @@ export class ControlServer {
   async listen(socketPath: string): Promise<void> {
     const dir = path.dirname(socketPath);
     fs.mkdirSync(dir, { recursive: true, mode: CONTROL_DIR_MODE });
+    checkSocketDir(dir);
     await removeStaleSocket(socketPath);
     const server = net.createServer((socket) => this.#accept(socket));
     server.on('error', (err) => this.logger.error({ err }, 'control listener error'));
@@ -160,7 +162,24 @@ export class ControlServer {
   }
 }
 
-/** Removes a socket file nobody listens on; fails EADDRINUSE if a server answers. */
+/**
+ * Refuses a directory where another user could swap our socket for theirs: one owned by
+ * a user other than us or root (a /tmp/blockgate-<uid> planted by someone else), or
+ * writable by group or others without the sticky bit. /tmp itself (root, sticky) is fine.
+ */
+function checkSocketDir(dir: string): void {
+  const st = fs.lstatSync(dir);
+  const uid = process.getuid?.();
+  if (!st.isDirectory()) throw new BlockError('EINVAL', `${dir} is not a directory`);
+  if (uid !== undefined && st.uid !== uid && st.uid !== 0) {
+    throw new BlockError('EACCES', `${dir} belongs to uid ${st.uid}, not to us (${uid}); refusing to put the control socket there`);
+  }
+  if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
+    throw new BlockError('EACCES', `${dir} is writable by others and not sticky; refusing to put the control socket there`);
+  }
+}
+
+/** Removes a socket file nobody listens on; fails EBUSY if a server answers. */
 async function removeStaleSocket(socketPath: string): Promise<void> {
   let st: fs.Stats;
   try {

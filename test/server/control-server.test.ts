@@ -72,6 +72,19 @@ describe('control socket: access', () => {
     assert.equal(fs.existsSync(stale), false);
   });
 
+  test('a directory others can write to (not sticky) is refused: they could swap the socket', async () => {
+    const open = path.join(fx.dir, 'open');
+    fs.mkdirSync(open);
+    fs.chmodSync(open, 0o777);
+    await rejectsWith(new ControlServer({ gates: fx.gates }).listen(path.join(open, 'ctl.sock')), 'EACCES', /writable by others/);
+    assert.equal(fs.existsSync(path.join(open, 'ctl.sock')), false);
+    // With the sticky bit (like /tmp) it is fine.
+    fs.chmodSync(open, 0o1777);
+    const ok = new ControlServer({ gates: new GateService(fx.registry) });
+    await ok.listen(path.join(open, 'ctl.sock'));
+    await ok.close();
+  });
+
   test('a path that is not a socket is refused (EEXIST), never deleted', async () => {
     const file = path.join(fx.dir, 'plain');
     fs.writeFileSync(file, 'keep me');
