@@ -16,7 +16,23 @@ export {
   BACKENDS,
 } from './backends/index.js';
 export type { MemoryOptions, FileOptions, NullOptions, PatternOptions } from './backends/index.js';
-export { ReadonlyFilter, readonlyFilter, FILTERS, defaultRegistry, createStack } from './filters/index.js';
+export {
+  ReadonlyFilter,
+  readonlyFilter,
+  WritebackFilter,
+  writebackFilter,
+  REQ_WRITEBACK,
+  DEFAULT_MAX_DIRTY,
+  ErrorFilter,
+  errorFilter,
+  CowFilter,
+  cowFilter,
+  COW_BLOCK_SIZE,
+  FILTERS,
+  defaultRegistry,
+  createStack,
+} from './filters/index.js';
+export type { WritebackOptions, ErrorOptions, CowOptions } from './filters/index.js';
 export * from './nbd/constants.js';
 export { Export, NbdServer, NbdSession, DEFAULT_LIMITS } from './server/index.js';
 export type { ExportOptions, ServerLimits, NbdServerOptions, ListenAddress, SessionStatus } from './server/index.js';
