@@ -387,7 +387,7 @@ export class FileDevice implements BlockDevice {
       await fdatasync(this.#fd);
     } catch (e) {
       const b = toBlockError(e);
-      throw new BlockError(b.code, `${op}: fdatasync failed: ${b.message}`, { cause: e });
+      throw new BlockError(b.code, `${op}: fdatasync failed: ${b.message}`, { cause: e, writeback: true });
     }
   }
 }

@@ -17,12 +17,20 @@ export class BlockError extends Error {
   readonly errno: number;
   /** For ERROR_OFFSET replies: the first offset that failed, when known. */
   readonly offset: number | undefined;
+  /**
+   * True if the failure is about durability of data already written, not only about this
+   * request: an fdatasync that failed (the kernel reports that once per file, so whoever
+   * receives it must pass it on). Frontends record such failures in the export's ErrSeq
+   * so every session hears of them, even when one request got it as its own reply.
+   */
+  readonly writeback: boolean;
 
-  constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number }) {
+  constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number; writeback?: boolean }) {
     super(message ?? ERRNO[code].message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
     this.errno = linuxErrno(code);
     this.offset = options?.offset;
+    this.writeback = options?.writeback ?? false;
   }
 }
 

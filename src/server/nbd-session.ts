@@ -625,7 +625,7 @@ export class NbdSession implements ExportSession {
     if (invalid) return this.#finish(req, new WireError(invalid));
     this.#run(req, payload).then(
       (result) => this.#finish(req, result),
-      (e: unknown) => this.#finish(req, new WireError(toBlockError(e), h.type === NBD_CMD.NBD_CMD_READ)),
+      (e: unknown) => this.#finish(req, new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ)),
     );
   }
 
@@ -744,6 +744,21 @@ export class NbdSession implements ExportSession {
       return new WireError(new BlockError(code, `a write-back error (${code}) happened since this connection's last flush; data may have been lost`));
     }
     return null;
+  }
+
+  /**
+   * A durability failure (BlockError.writeback: a FUA write whose fdatasync failed) is
+   * this request's reply, and also the export's news: it is recorded so every other
+   * session hears of it at its next FLUSH, and this session's cursor moves past it so
+   * this session is not told twice.
+   */
+  #recordWriteback(e: BlockError): BlockError {
+    if (e.writeback && this.#export) {
+      const errseq = this.#export.errseq;
+      errseq.set(e.errno);
+      this.cursor = errseq.checkAndAdvance(this.cursor).cursor;
+    }
+    return e;
   }
 
   async #read(h: RequestHeader): Promise<Reply> {
