@@ -18,29 +18,14 @@ import {
   encodeRequest,
   type ReplyHeader,
 } from '../../src/nbd/codec.js';
+import { BYTE_TIMEOUT_MS, ByteSocket } from './byte-socket.js';
 
 /** How long a raw test waits for bytes before failing (a hang is a test failure, not a stuck run). */
-export const RAW_TIMEOUT_MS = 10_000;
+export const RAW_TIMEOUT_MS = BYTE_TIMEOUT_MS;
 
-export class RawClient {
-  readonly socket: net.Socket;
-  #buf = Buffer.alloc(0);
-  #waiter: (() => void) | null = null;
-  #ended = false;
-
+export class RawClient extends ByteSocket {
   private constructor(socket: net.Socket) {
-    this.socket = socket;
-    socket.on('data', (b: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, b]);
-      this.#waiter?.();
-    });
-    const end = () => {
-      this.#ended = true;
-      this.#waiter?.();
-    };
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
+    super(socket);
   }
 
   static connect(path: string): Promise<RawClient> {
@@ -50,47 +35,9 @@ export class RawClient {
     });
   }
 
-  /** Reads exactly n bytes; rejects if the server closes first or after RAW_TIMEOUT_MS. */
-  async read(n: number): Promise<Buffer> {
-    const deadline = Date.now() + RAW_TIMEOUT_MS;
-    while (this.#buf.length < n) {
-      if (this.#ended) throw new Error(`connection closed with ${this.#buf.length} of ${n} bytes`);
-      const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`timed out waiting for ${n} bytes (have ${this.#buf.length})`);
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, left);
-        this.#waiter = () => {
-          clearTimeout(t);
-          resolve();
-        };
-      });
-      this.#waiter = null;
-    }
-    const out = this.#buf.subarray(0, n);
-    this.#buf = this.#buf.subarray(n);
-    return out;
-  }
-
-  /** Resolves true when the server has closed the connection (and no bytes remain), false on timeout. */
-  async closedByServer(timeoutMs = RAW_TIMEOUT_MS): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs;
-    while (!this.#ended) {
-      const left = deadline - Date.now();
-      if (left <= 0) return false;
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, left);
-        this.#waiter = () => {
-          clearTimeout(t);
-          resolve();
-        };
-      });
-      this.#waiter = null;
-    }
-    return true;
-  }
-
-  write(b: Buffer): void {
-    this.socket.write(b);
+  /** Resolves true when the server has closed the connection, false on timeout. */
+  closedByServer(timeoutMs = RAW_TIMEOUT_MS): Promise<boolean> {
+    return this.closed(timeoutMs);
   }
 
   /** Reads the 18-byte greeting and sends client flags (fixed newstyle, no zeroes by default). */
@@ -156,6 +103,6 @@ export class RawClient {
   }
 
   close(): void {
-    this.socket.destroy();
+    this.destroy();
   }
 }

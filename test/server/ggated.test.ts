@@ -39,6 +39,7 @@ import {
   type GgatedLimits,
   type GgateStackSource,
 } from '../../src/server/ggated.js';
+import { ByteSocket } from '../helpers/byte-socket.js';
 
 const TIMEOUT_MS = 10_000;
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-ggated-'));
@@ -51,28 +52,12 @@ after(async () => {
 });
 
 // ---------------------------------------------------------------------------------
-// A byte-exact socket reader for tests (Buffer.concat is fine on this side).
+// The byte-exact socket reader (test/helpers/byte-socket.ts), tracked for cleanup.
 
-class Conn {
-  readonly socket: net.Socket;
-  #buf = Buffer.alloc(0);
-  #ended = false;
-  #waiter: (() => void) | null = null;
-
+class Conn extends ByteSocket {
   constructor(socket: net.Socket) {
-    this.socket = socket;
+    super(socket);
     sockets.add(socket);
-    socket.on('data', (b: Buffer) => {
-      this.#buf = Buffer.concat([this.#buf, b]);
-      this.#waiter?.();
-    });
-    const end = () => {
-      this.#ended = true;
-      this.#waiter?.();
-    };
-    socket.on('end', end);
-    socket.on('close', end);
-    socket.on('error', end);
   }
 
   static open(port: number, localAddress?: string): Promise<Conn> {
@@ -81,50 +66,6 @@ class Conn {
       s.setNoDelay(true);
       s.once('error', reject);
     });
-  }
-
-  get available(): number {
-    return this.#buf.length;
-  }
-
-  async #wait(deadline: number): Promise<boolean> {
-    const left = deadline - Date.now();
-    if (left <= 0) return false;
-    await new Promise<void>((resolve) => {
-      const t = setTimeout(resolve, left);
-      this.#waiter = () => {
-        clearTimeout(t);
-        resolve();
-      };
-    });
-    this.#waiter = null;
-    return true;
-  }
-
-  async read(n: number, timeoutMs = TIMEOUT_MS): Promise<Buffer> {
-    const deadline = Date.now() + timeoutMs;
-    while (this.#buf.length < n) {
-      if (this.#ended) throw new Error(`connection closed with ${this.#buf.length} of ${n} bytes`);
-      if (!(await this.#wait(deadline))) throw new Error(`timed out waiting for ${n} bytes (have ${this.#buf.length})`);
-    }
-    const out = this.#buf.subarray(0, n);
-    this.#buf = this.#buf.subarray(n);
-    return out;
-  }
-
-  /** True once the server closed the connection (within the timeout). */
-  async closed(timeoutMs = TIMEOUT_MS): Promise<boolean> {
-    const deadline = Date.now() + timeoutMs;
-    while (!this.#ended) if (!(await this.#wait(deadline))) return false;
-    return true;
-  }
-
-  write(b: Buffer): void {
-    this.socket.write(b);
-  }
-
-  destroy(): void {
-    this.socket.destroy();
   }
 }
 
