@@ -70,6 +70,23 @@ export function parseSettings<S extends v.GenericSchema>(layer: string, schema: 
 }
 
 /**
+ * The capabilities of a backend that does every operation itself and cheaply (memory,
+ * null): writes, FUA, trim, fast zeroes, real extents, cache, and multi-conn because
+ * every connection sees the one store.
+ */
+export const FULL_CAPABILITIES: Capabilities = Object.freeze({
+  write: true,
+  flush: true,
+  fua: true,
+  trim: true,
+  zero: true,
+  fastZero: true,
+  extents: true,
+  cache: true,
+  multiConn: true,
+});
+
+/**
  * The capabilities of a read-only view of a device: nothing that changes data, and no
  * FUA (there are no writes to make durable). Reads, flush, extents and cache stay as
  * they are.

@@ -21,6 +21,7 @@ import { EXTENT, REQ, type BlockDevice, type Capabilities, type Extent } from '.
 import type { LayerDescription } from '../device/stack.js';
 import {
   DEFAULT_BLOCK_SIZE,
+  FULL_CAPABILITIES,
   booleanSetting,
   closedError,
   parseSettings,
@@ -46,18 +47,6 @@ export const MAX_EXTENTS_PER_CALL = 1024;
 
 /** A page of zeroes, only ever compared against (never written, never handed out). */
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
-
-const CAPABILITIES: Capabilities = Object.freeze({
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  extents: true,
-  cache: true,
-  multiConn: true,
-});
 
 /** Settings of a memory device. */
 export interface MemoryOptions {
@@ -100,7 +89,7 @@ export class MemoryDevice implements BlockDevice {
   constructor(options: MemoryOptions) {
     this.size = options.size;
     this.#readonly = options.readonly ?? false;
-    this.capabilities = this.#readonly ? readOnlyCapabilities(CAPABILITIES) : CAPABILITIES;
+    this.capabilities = this.#readonly ? readOnlyCapabilities(FULL_CAPABILITIES) : FULL_CAPABILITIES;
     this.description = `memory ${formatSize(this.size)}${this.#readonly ? ' (read-only)' : ''}`;
   }
 

@@ -9,6 +9,7 @@ import { EXTENT, type BlockDevice, type Capabilities, type Extent } from '../dev
 import type { LayerDescription } from '../device/stack.js';
 import {
   DEFAULT_BLOCK_SIZE,
+  FULL_CAPABILITIES,
   booleanSetting,
   closedError,
   parseSettings,
@@ -18,18 +19,6 @@ import {
   singleExtent,
   sizeSetting,
 } from './common.js';
-
-const CAPABILITIES: Capabilities = Object.freeze({
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  extents: true,
-  cache: true,
-  multiConn: true,
-});
 
 /** Settings of a null device. */
 export interface NullOptions {
@@ -59,7 +48,7 @@ export class NullDevice implements BlockDevice {
   constructor(options: NullOptions = {}) {
     this.size = options.size ?? 0;
     this.#readonly = options.readonly ?? false;
-    this.capabilities = this.#readonly ? readOnlyCapabilities(CAPABILITIES) : CAPABILITIES;
+    this.capabilities = this.#readonly ? readOnlyCapabilities(FULL_CAPABILITIES) : FULL_CAPABILITIES;
     this.description = `null ${formatSize(this.size)}${this.#readonly ? ' (read-only)' : ''}`;
   }
 
