@@ -251,28 +251,44 @@ export function maxReplyBody(op: number): number {
 // ---------------------------------------------------------------------------------
 // Headers
 
-export function encodeRequestHeader(h: RequestHeader): Buffer {
-  checkU32(h.callId, 'callId');
-  checkU32(h.bodyLength, 'bodyLength');
-  const b = Buffer.alloc(CONTROL.REQUEST_HEADER_SIZE);
-  b.writeUInt32BE(CONTROL.REQUEST_MAGIC, 0);
+/** The fields every header begins with, after its magic. */
+type HeaderStart = Pick<RequestHeader, 'version' | 'op' | 'callId'>;
+
+/** A header buffer of `size` bytes with its common start filled in: magic, version, op, callId. */
+function encodeHeaderStart(size: number, magic: number, h: HeaderStart): Buffer {
+  const b = Buffer.alloc(size);
+  b.writeUInt32BE(magic, 0);
   b.writeUInt16BE(h.version & 0xffff, 4);
   b.writeUInt16BE(h.op, 6);
   b.writeUInt32BE(h.callId, 8);
+  return b;
+}
+
+/** Reads the common start of a header at `at`; throws ControlFrameError when the magic is not `magic`. */
+function decodeHeaderStart(b: Buffer, at: number, magic: number, kind: 'request' | 'reply'): HeaderStart {
+  const got = b.readUInt32BE(at);
+  if (got !== magic) {
+    throw new ControlFrameError(`bad ${kind} magic 0x${got.toString(16).padStart(8, '0')}`);
+  }
+  return {
+    version: b.readUInt16BE(at + 4),
+    op: b.readUInt16BE(at + 6),
+    callId: b.readUInt32BE(at + 8),
+  };
+}
+
+export function encodeRequestHeader(h: RequestHeader): Buffer {
+  checkU32(h.callId, 'callId');
+  checkU32(h.bodyLength, 'bodyLength');
+  const b = encodeHeaderStart(CONTROL.REQUEST_HEADER_SIZE, CONTROL.REQUEST_MAGIC, h);
   b.writeUInt32BE(h.bodyLength, 12);
   return b;
 }
 
 /** Decodes a request header at `at`; throws ControlFrameError on a bad magic or oversized body. */
 export function decodeRequestHeader(b: Buffer, at = 0): RequestHeader {
-  const magic = b.readUInt32BE(at);
-  if (magic !== CONTROL.REQUEST_MAGIC) {
-    throw new ControlFrameError(`bad request magic 0x${magic.toString(16).padStart(8, '0')}`);
-  }
   const h = {
-    version: b.readUInt16BE(at + 4),
-    op: b.readUInt16BE(at + 6),
-    callId: b.readUInt32BE(at + 8),
+    ...decodeHeaderStart(b, at, CONTROL.REQUEST_MAGIC, 'request'),
     bodyLength: b.readUInt32BE(at + 12),
   };
   if (h.bodyLength > maxRequestBody(h.op)) {
@@ -285,25 +301,15 @@ export function encodeReplyHeader(h: ReplyHeader): Buffer {
   checkU32(h.callId, 'callId');
   checkU32(h.bodyLength, 'bodyLength');
   checkI32(h.status, 'status');
-  const b = Buffer.alloc(CONTROL.REPLY_HEADER_SIZE);
-  b.writeUInt32BE(CONTROL.REPLY_MAGIC, 0);
-  b.writeUInt16BE(h.version & 0xffff, 4);
-  b.writeUInt16BE(h.op, 6);
-  b.writeUInt32BE(h.callId, 8);
+  const b = encodeHeaderStart(CONTROL.REPLY_HEADER_SIZE, CONTROL.REPLY_MAGIC, h);
   b.writeInt32BE(h.status, 12);
   b.writeUInt32BE(h.bodyLength, 16);
   return b;
 }
 
 export function decodeReplyHeader(b: Buffer, at = 0): ReplyHeader {
-  const magic = b.readUInt32BE(at);
-  if (magic !== CONTROL.REPLY_MAGIC) {
-    throw new ControlFrameError(`bad reply magic 0x${magic.toString(16).padStart(8, '0')}`);
-  }
   const h = {
-    version: b.readUInt16BE(at + 4),
-    op: b.readUInt16BE(at + 6),
-    callId: b.readUInt32BE(at + 8),
+    ...decodeHeaderStart(b, at, CONTROL.REPLY_MAGIC, 'reply'),
     status: b.readInt32BE(at + 12),
     bodyLength: b.readUInt32BE(at + 16),
   };
