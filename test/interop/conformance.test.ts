@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { nbdsh } from '../helpers/run.js';
+import { PY_ERRNO_OF, PY_FILE_BYTES, PY_PATTERN, nbdshOut } from '../helpers/nbdsh-script.js';
 import { startServer, type CaptiveServer } from '../helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -43,17 +43,8 @@ def handle(name, sr=True, meta=True, debug=True):
         g.add_meta_context('base:allocation')
     g.connect_uri(URIS[name])
     return g
-def errno_of(f):
-    try:
-        f()
-    except nbd.Error as e:
-        return e.errno or 'error'
-    return None
-def pattern(off, n):
-    start = off - off % 8
-    words = (off - start + n + 7) // 8
-    b = b''.join(struct.pack('>Q', start + 8 * i) for i in range(words))
-    return b[off - start:off - start + n]
+${PY_ERRNO_OF}
+${PY_PATTERN}
 def chunks(g, n, off, flags=0):
     got = []
     def cb(buf, offset, status, err):
@@ -68,12 +59,8 @@ def extents(g, off, n, flags=0):
         return 0
     g.block_status(n, off, cb, flags)
     return got
-def file_bytes(p, off, n):
-    with open(p, 'rb') as f:
-        f.seek(off)
-        return f.read(n)
+${PY_FILE_BYTES}
 `;
-const EPILOGUE = `\nprint('RESULT ' + json.dumps(out))\n`;
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-must-'));
 const FILE_PATH = path.join(tmp, 'disk.img');
@@ -99,10 +86,7 @@ after(async () => {
 async function py(body: string): Promise<Record<string, unknown>> {
   const uris = Object.fromEntries(NAMES.map((n) => [n, srv.uri(n)]));
   const head = `URIS = ${JSON.stringify(uris)}\nFILE_PATH = ${JSON.stringify(FILE_PATH)}\n`;
-  const r = await nbdsh(head + PRELUDE + body + EPILOGUE, srv.uri('mem'));
-  const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
-  assert.ok(line, `no RESULT line; stdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return JSON.parse(line.slice('RESULT '.length)) as Record<string, unknown>;
+  return nbdshOut(head + PRELUDE + body, srv.uri('mem'));
 }
 
 describe('conformance (nbd.md section 1), seen by libnbd', () => {

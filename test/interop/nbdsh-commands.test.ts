@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { nbdsh } from '../helpers/run.js';
+import { PY_ERRNO_OF, PY_FILE_BYTES, PY_PATTERN, nbdshOut } from '../helpers/nbdsh-script.js';
 import { startServer, type CaptiveServer } from '../helpers/server.js';
 
 const MiB = 1024 * 1024;
@@ -38,17 +38,8 @@ def connect(name, meta=True):
     if meta:
         h.add_meta_context('base:allocation')
     h.connect_uri(URIS[name])
-def errno_of(f):
-    try:
-        f()
-    except nbd.Error as e:
-        return e.errno or 'error'
-    return None
-def pattern(off, n):
-    start = off - off % 8
-    words = (off - start + n + 7) // 8
-    b = b''.join(struct.pack('>Q', start + 8 * i) for i in range(words))
-    return b[off - start:off - start + n]
+${PY_ERRNO_OF}
+${PY_PATTERN}
 def extents(off, n, flags=0):
     got = []
     def cb(meta, offset, entries, err):
@@ -57,12 +48,8 @@ def extents(off, n, flags=0):
         return 0
     h.block_status(n, off, cb, flags)
     return got
-def file_bytes(p, off, n):
-    with open(p, 'rb') as f:
-        f.seek(off)
-        return f.read(n)
+${PY_FILE_BYTES}
 `;
-const EPILOGUE = `\nprint('RESULT ' + json.dumps(out))\n`;
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-cmd-'));
 const FILE_PATH = path.join(tmp, 'disk.img');
@@ -87,10 +74,7 @@ after(async () => {
 async function py(sr: boolean, body: string): Promise<Record<string, unknown>> {
   const uris = Object.fromEntries(['mem', 'file', 'null', 'pattern', 'ro', 'filtered'].map((n) => [n, srv.uri(n)]));
   const head = `SR = ${sr ? 'True' : 'False'}\nURIS = ${JSON.stringify(uris)}\nFILE_PATH = ${JSON.stringify(FILE_PATH)}\n`;
-  const r = await nbdsh(head + PRELUDE + body + EPILOGUE, srv.uri('mem'));
-  const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
-  assert.ok(line, `no RESULT line; stdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return JSON.parse(line.slice('RESULT '.length)) as Record<string, unknown>;
+  return nbdshOut(head + PRELUDE + body, srv.uri('mem'));
 }
 
 for (const sr of [true, false]) {

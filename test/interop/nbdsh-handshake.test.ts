@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { nbdsh } from '../helpers/run.js';
+import { PY_ERRNO_OF, nbdshOut } from '../helpers/nbdsh-script.js';
 import { startServer, type CaptiveServer } from '../helpers/server.js';
 
 /** Python run before each script: the shared helpers of this file's scripts. */
@@ -26,12 +26,7 @@ def _debug(ctx, msg):
         server_msgs.append(msg.split('server message: ', 1)[1])
 h.set_debug_callback(_debug)
 h.set_debug(True)
-def errno_of(f):
-    try:
-        f()
-    except nbd.Error as e:
-        return e.errno or 'error'
-    return None
+${PY_ERRNO_OF}
 def flags():
     return {
         'size': h.get_size(),
@@ -48,14 +43,10 @@ def flags():
         'block': [h.get_block_size(nbd.SIZE_MINIMUM), h.get_block_size(nbd.SIZE_PREFERRED), h.get_block_size(nbd.SIZE_MAXIMUM)],
     }
 `;
-const EPILOGUE = `\nprint('RESULT ' + json.dumps(out))\n`;
 
 /** Runs a script against `uri` and returns its `out` dictionary. */
 async function py(uri: string, body: string): Promise<Record<string, unknown>> {
-  const r = await nbdsh(PRELUDE + body + EPILOGUE, uri);
-  const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
-  assert.ok(line, `no RESULT line; stdout: ${r.stdout}\nstderr: ${r.stderr}`);
-  return JSON.parse(line.slice('RESULT '.length)) as Record<string, unknown>;
+  return nbdshOut(PRELUDE + body, uri);
 }
 
 const MiB = 1024 * 1024;

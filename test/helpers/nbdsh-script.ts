@@ -1,0 +1,40 @@
+/**
+ * nbdsh scripts that report back: the Python helpers the interop scripts share and a
+ * runner that returns what a script stored in its `out` dictionary. A script prints
+ * `out` as JSON on one RESULT line (EPILOGUE), so stray output from libnbd or Python
+ * cannot be mistaken for it.
+ */
+import assert from 'node:assert/strict';
+import { nbdsh } from './run.js';
+
+/** Python: errno_of(f) calls f and returns the errno name of its nbd.Error ('error' if none), or None. */
+export const PY_ERRNO_OF = `def errno_of(f):
+    try:
+        f()
+    except nbd.Error as e:
+        return e.errno or 'error'
+    return None`;
+
+/** Python: pattern(off, n), the n bytes at off of the pattern backend (each 8-byte word holds its offset). Needs struct. */
+export const PY_PATTERN = `def pattern(off, n):
+    start = off - off % 8
+    words = (off - start + n + 7) // 8
+    b = b''.join(struct.pack('>Q', start + 8 * i) for i in range(words))
+    return b[off - start:off - start + n]`;
+
+/** Python: file_bytes(p, off, n), n bytes of file p at off. */
+export const PY_FILE_BYTES = `def file_bytes(p, off, n):
+    with open(p, 'rb') as f:
+        f.seek(off)
+        return f.read(n)`;
+
+/** Python appended to every script: print `out` on the RESULT line. */
+const EPILOGUE = `\nprint('RESULT ' + json.dumps(out))\n`;
+
+/** Runs `script` (which imports json and fills `out`) in nbdsh with $uri set; returns `out`. */
+export async function nbdshOut(script: string, uri: string): Promise<Record<string, unknown>> {
+  const r = await nbdsh(script + EPILOGUE, uri);
+  const line = r.stdout.split('\n').find((l) => l.startsWith('RESULT '));
+  assert.ok(line, `no RESULT line; stdout: ${r.stdout}\nstderr: ${r.stderr}`);
+  return JSON.parse(line.slice('RESULT '.length)) as Record<string, unknown>;
+}
