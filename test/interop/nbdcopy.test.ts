@@ -11,30 +11,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { run, runOk } from '../helpers/run.js';
 import { startServer, type CaptiveServer } from '../helpers/server.js';
+import { seededBytes } from '../helpers/data.js';
 import { fillPattern } from '../../src/backends/pattern.js';
 
 const MiB = 1024 * 1024;
 /** Size of every export and file here: big enough for many requests in flight, small enough to stay quick. */
 const SIZE = 48 * MiB;
-
-/**
- * Deterministic pseudo-random bytes (a splitmix-style 32-bit mixer over a counter): the
- * same seed gives the same bytes, so a failure reproduces.
- */
-function seededBytes(seed: number, n: number): Buffer {
-  const buf = Buffer.alloc(n);
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, Math.floor(n / 4));
-  let s = seed >>> 0;
-  for (let i = 0; i < words.length; i++) {
-    s = (s + 0x9e3779b9) >>> 0;
-    let z = s;
-    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
-    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
-    words[i] = (z ^ (z >>> 16)) >>> 0;
-  }
-  for (let i = words.length * 4; i < n; i++) buf[i] = (seed + i) & 0xff;
-  return buf;
-}
 
 function patternBytes(offset: number, n: number): Buffer {
   const b = Buffer.alloc(n);

@@ -12,28 +12,13 @@ import os from 'node:os';
 import path from 'node:path';
 import { run, runOk, type RunResult } from '../helpers/run.js';
 import { startServer, type CaptiveServer } from '../helpers/server.js';
+import { seededBytes } from '../helpers/data.js';
 
 const MiB = 1024 * 1024;
 /** The convert round trip: big enough that qemu-img runs many requests in parallel. */
 const BIG = 256 * MiB;
 /** The memory backend's allocation page, the granularity of its map. */
 const PAGE = 64 * 1024;
-
-/** Deterministic pseudo-random bytes (splitmix-style mixer over a counter). */
-function seededBytes(seed: number, n: number): Buffer {
-  const buf = Buffer.alloc(n);
-  const words = new Uint32Array(buf.buffer, buf.byteOffset, Math.floor(n / 4));
-  let s = seed >>> 0;
-  for (let i = 0; i < words.length; i++) {
-    s = (s + 0x9e3779b9) >>> 0;
-    let z = s;
-    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b);
-    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
-    words[i] = (z ^ (z >>> 16)) >>> 0;
-  }
-  for (let i = words.length * 4; i < n; i++) buf[i] = (seed + i) & 0xff;
-  return buf;
-}
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-qemu-'));
 let srv: CaptiveServer;
