@@ -133,6 +133,19 @@ rm(${py(trigger)})
 `;
 }
 
+/**
+ * Runs a scenario against the usual write-back stack (writebackStack) with a fresh
+ * trigger file, which `script` gets to arm and disarm; returns the transcript.
+ */
+async function writebackScenario(kind: BackendKind, script: (trigger: string) => string): Promise<string[]> {
+  const trigger = fresh('trigger');
+  let out: string[] = [];
+  await withServer(writebackStack(kind, trigger), async (s) => {
+    out = await scenario(s.uri(), script(trigger));
+  });
+  return out;
+}
+
 /** Polls for a file the script creates (bounded; a missing file fails the test, it never hangs). */
 async function waitFor(file: string): Promise<void> {
   const deadline = Date.now() + SCENARIO_TIMEOUT_MS;
@@ -152,12 +165,10 @@ function pending(exp: Export): boolean[] {
 
 for (const kind of ['memory', 'file'] as const) {
   describe(`errseq scenarios over the ${kind} backend`, () => {
-    test('ES9 two sessions open before a background write-back failure each get EIO on their next FLUSH, once', () => {
-      const trigger = fresh('trigger');
-      return withServer(writebackStack(kind, trigger), async (s) => {
-        const out = await scenario(
-          s.uri(),
-          `
+    test('ES9 two sessions open before a background write-back failure each get EIO on their next FLUSH, once', async () => {
+      const out = await writebackScenario(
+        kind,
+        (trigger) => `
 h1 = conn()
 h2 = conn()
 ${backgroundFailure(trigger)}
@@ -166,17 +177,14 @@ flush('h2', h2)
 flush('h1', h1)
 flush('h2', h2)
 `,
-        );
-        assert.deepEqual(out, ['h1 flush EIO', 'h2 flush EIO', 'h1 flush OK', 'h2 flush OK']);
-      });
+      );
+      assert.deepEqual(out, ['h1 flush EIO', 'h2 flush EIO', 'h1 flush OK', 'h2 flush OK']);
     });
 
-    test('ES10 a session opened after an unseen error sees it at its first FLUSH', () => {
-      const trigger = fresh('trigger');
-      return withServer(writebackStack(kind, trigger), async (s) => {
-        const out = await scenario(
-          s.uri(),
-          `
+    test('ES10 a session opened after an unseen error sees it at its first FLUSH', async () => {
+      const out = await writebackScenario(
+        kind,
+        (trigger) => `
 h1 = conn()
 ${backgroundFailure(trigger)}
 h2 = conn()
@@ -185,17 +193,14 @@ flush('h2', h2)
 flush('h1', h1)
 flush('h1', h1)
 `,
-        );
-        assert.deepEqual(out, ['h2 flush EIO', 'h2 flush OK', 'h1 flush EIO', 'h1 flush OK']);
-      });
+      );
+      assert.deepEqual(out, ['h2 flush EIO', 'h2 flush OK', 'h1 flush EIO', 'h1 flush OK']);
     });
 
-    test('ES11 a session opened after the error was reported to another session does not see it', () => {
-      const trigger = fresh('trigger');
-      return withServer(writebackStack(kind, trigger), async (s) => {
-        const out = await scenario(
-          s.uri(),
-          `
+    test('ES11 a session opened after the error was reported to another session does not see it', async () => {
+      const out = await writebackScenario(
+        kind,
+        (trigger) => `
 h1 = conn()
 ${backgroundFailure(trigger)}
 flush('h1', h1)
@@ -203,9 +208,8 @@ h2 = conn()
 flush('h2', h2)
 flush('h1', h1)
 `,
-        );
-        assert.deepEqual(out, ['h1 flush EIO', 'h2 flush OK', 'h1 flush OK']);
-      });
+      );
+      assert.deepEqual(out, ['h1 flush EIO', 'h2 flush OK', 'h1 flush OK']);
     });
 
     test('ES12 only the latest error is reported: EIO then ENOSPC before any FLUSH gives ENOSPC, once', () => {
