@@ -8,6 +8,7 @@ import { createRequire } from 'node:module';
 import { serveCommand } from './serve.js';
 import { ggatedCommand } from './ggated.js';
 import { ggatelCommand } from './ggatel.js';
+import { ggatecCommand } from './ggatec.js';
 import { statusCommand } from './status.js';
 
 /** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
@@ -34,6 +35,7 @@ export function makeProgram(): Command {
   program.addCommand(serveCommand());
   program.addCommand(ggatedCommand());
   program.addCommand(ggatelCommand());
+  program.addCommand(ggatecCommand());
   program.addCommand(statusCommand());
   return program;
 }
