@@ -4,18 +4,7 @@ import { BlockError } from '../../src/errors/index.js';
 import { REQ } from '../../src/device/index.js';
 import { GateRegistry, ManualClock } from '../../src/gate/index.js';
 import { V, rejectsWith, until } from './helpers.js';
-
-/** A small deterministic PRNG (mulberry32), so a failing run can be replayed. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng } from '../helpers/data.js';
 
 /**
  * A handler as a real one is written against the two error channels:

@@ -19,3 +19,18 @@ export function seededBytes(seed: number, n: number): Buffer {
   for (let i = words.length * 4; i < n; i++) buf[i] = (seed + i) & 0xff;
   return buf;
 }
+
+/**
+ * A small deterministic PRNG (mulberry32) returning floats in [0, 1): seedable, so a
+ * failing randomized run can be replayed.
+ */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

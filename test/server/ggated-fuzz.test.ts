@@ -31,6 +31,7 @@ import {
 } from '../../src/ggate/index.js';
 import { codeFromFreebsd, freebsdErrno } from '../../src/errors/index.js';
 import { GgatedServer } from '../../src/server/ggated.js';
+import { prng } from '../helpers/data.js';
 
 const SEED = Number(process.env.GGATED_FUZZ_SEED ?? 0x6a7e);
 /** A case that has not ended by then is a hang. */
@@ -55,17 +56,6 @@ after(async () => {
   await server?.close(1000);
 });
 
-/** mulberry32: small, seedable, good enough to drive a fuzzer. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 const rnd = prng(SEED);
 const int = (n: number): number => Math.floor(rnd() * n);
 const pick = <T>(xs: readonly T[]): T => xs[int(xs.length)]!;
