@@ -1,20 +1,12 @@
 import { afterEach, beforeEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BlockError, type ErrnoCode } from '../../src/errors/index.js';
+import { BlockError } from '../../src/errors/index.js';
 import { REQ } from '../../src/device/index.js';
 import { GateRegistry, type GateDoneArgs, type GateStartArgs, type GateStartResult } from '../../src/gate/index.js';
 import { serveGate, type GateCalls, type GateHandler, type ServeGateEvent } from '../../src/client/gate-handler.js';
 import type { ControlClient } from '../../src/client/control-client.js';
 import { startControl, until, type ControlFixture } from './control-fixture.js';
-
-async function rejectsWith(p: Promise<unknown>, code: ErrnoCode, re?: RegExp): Promise<void> {
-  await assert.rejects(p, (e: unknown) => {
-    assert.ok(e instanceof BlockError, `expected a BlockError, got ${String(e)}`);
-    assert.equal(e.code, code, e.message);
-    if (re) assert.match(e.message, re);
-    return true;
-  });
-}
+import { rejectsWith } from '../helpers/assertions.js';
 
 /** A handler over a Buffer, counting what it is asked. */
 function memoryHandler(store: Buffer): GateHandler & { calls: Record<string, number> } {

@@ -5,22 +5,14 @@ import net from 'node:net';
 import { spawn } from 'node:child_process';
 import path from 'node:path';
 import fc from 'fast-check';
-import { BlockError, type ErrnoCode } from '../../src/errors/index.js';
+import { BlockError } from '../../src/errors/index.js';
 import { GATE, GATE_FLAG } from '../../src/gate/index.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
 import { ControlServer } from '../../src/server/control-server.js';
 import { GateService } from '../../src/server/control-gates.js';
 import { CONTROL, CONTROL_OP, encodeRequest } from '../../src/server/control-protocol.js';
 import { startControl, until, type ControlFixture } from '../client/control-fixture.js';
-
-async function rejectsWith(p: Promise<unknown>, code: ErrnoCode, re?: RegExp): Promise<void> {
-  await assert.rejects(p, (e: unknown) => {
-    assert.ok(e instanceof BlockError, `expected a BlockError, got ${String(e)}`);
-    assert.equal(e.code, code, e.message);
-    if (re) assert.match(e.message, re);
-    return true;
-  });
-}
+import { rejectsWith } from '../helpers/assertions.js';
 
 /** Observes a promise without awaiting it. */
 function track<T>(p: Promise<T>): { settled: boolean; value?: T; error?: unknown; promise: Promise<T> } {
