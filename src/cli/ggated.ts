@@ -22,7 +22,7 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import { Command } from 'commander';
-import pino, { type Logger } from 'pino';
+import { shutdownSignal, stderrLogger } from './daemon.js';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import { parseSize, type StackDescription } from '../device/index.js';
@@ -80,10 +80,6 @@ async function bindAddress(text: string): Promise<string> {
   }
 }
 
-function makeLogger(verbose: boolean): Logger {
-  return pino({ level: verbose ? 'debug' : 'info', base: { pid: process.pid } }, pino.destination({ dest: 2, sync: true }));
-}
-
 async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> {
   const port = integerOption('port', flags.port, 0, 65535);
   const rcvbuf = integerOption('rcvbuf', flags.rcvbuf, 1, 2 ** 31 - 1);
@@ -94,7 +90,7 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
   }
   const host = await bindAddress(flags.address);
   const stacks = flags.config ? loadGgatedConfig(flags.config) : {};
-  const log = makeLogger(flags.verbose === true);
+  const log = stderrLogger(flags.verbose === true ? 'debug' : 'info');
 
   log.info({ file: exportsFile }, 'reading exports file (%s)', exportsFile);
   const exports = await loadExportsFile(exportsFile);
@@ -131,16 +127,7 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
     );
   };
   process.on('SIGHUP', onHup);
-  await new Promise<void>((resolve) => {
-    const onSignal = (sig: NodeJS.Signals): void => {
-      log.info({ signal: sig }, 'shutting down');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      resolve();
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
+  await shutdownSignal(log);
   process.off('SIGHUP', onHup);
   await server.close();
   if (flags.pidfile) fs.rmSync(flags.pidfile, { force: true });

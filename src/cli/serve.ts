@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import pino, { type Logger } from 'pino';
+import { shutdownSignal, stderrLogger } from './daemon.js';
 import { createStack } from '../filters/registry.js';
 import { Export, NbdServer, type ListenAddress } from '../server/index.js';
 import { startControlServer } from '../server/control-server.js';
@@ -104,16 +104,12 @@ export async function buildExports(cfg: ServeConfig): Promise<Export[]> {
   return built;
 }
 
-function makeLogger(level: string): Logger {
-  return pino({ level, base: { pid: process.pid } }, pino.destination({ dest: 2, sync: true }));
-}
-
 async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   if (flags.run && (flags.unix || flags.address.length > 1)) {
     throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
   }
   const cfg = configFromFlags(specs, flags);
-  const log = makeLogger(cfg.logLevel ?? 'info');
+  const log = stderrLogger(cfg.logLevel ?? 'info');
   const exports = await buildExports(cfg);
   const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
@@ -166,16 +162,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     return status;
   }
 
-  await new Promise<void>((resolve) => {
-    const onSignal = (sig: NodeJS.Signals) => {
-      log.info({ signal: sig }, 'shutting down');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
-      resolve();
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
+  await shutdownSignal(log);
   await stop();
   return 0;
 }
