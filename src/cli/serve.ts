@@ -21,7 +21,7 @@ import { createStack } from '../filters/registry.js';
 import { Export, NbdServer, type ListenAddress } from '../server/index.js';
 import { startControlServer } from '../server/control-server.js';
 import { BlockError } from '../errors/index.js';
-import { newStackContext } from '../device/index.js';
+import { newStackContext, type LayerDescription } from '../device/index.js';
 import {
   DEFAULT_EXPORT_SPEC,
   DEFAULT_HOST,
@@ -80,8 +80,17 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
   );
 }
 
+/** What buildExports needs of an export (a config file's entry, or a test's). */
+export interface ExportSpec {
+  readonly name: string;
+  readonly description?: string | undefined;
+  readonly readOnly?: boolean | undefined;
+  readonly backend: LayerDescription;
+  readonly filters?: readonly LayerDescription[] | undefined;
+}
+
 /** Builds every export's device stack; on failure closes what was built. */
-export async function buildExports(cfg: ServeConfig): Promise<Export[]> {
+export async function buildExports(cfg: { readonly exports: readonly ExportSpec[] }): Promise<Export[]> {
   const built: Export[] = [];
   try {
     for (const e of cfg.exports) {

@@ -5,10 +5,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { createStack } from '../../src/filters/registry.js';
-import { newStackContext, type StackDescription } from '../../src/device/index.js';
-import { Export, NbdServer, type ServerLimits } from '../../src/server/index.js';
-import { nbdUri } from '../../src/cli/serve.js';
+import type { StackDescription } from '../../src/device/index.js';
+import { NbdServer, type Export, type ServerLimits } from '../../src/server/index.js';
+import { buildExports, nbdUri } from '../../src/cli/serve.js';
 
 export interface TestExport extends StackDescription {
   readonly name: string;
@@ -28,20 +27,7 @@ export interface CaptiveServer {
 export async function startServer(exports: TestExport[], limits?: Partial<ServerLimits>): Promise<CaptiveServer> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-test-'));
   const socket = path.join(dir, 'nbd.sock');
-  const built: Export[] = [];
-  for (const e of exports) {
-    const ctx = newStackContext();
-    const device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
-    built.push(
-      new Export({
-        name: e.name,
-        device,
-        errseq: ctx.errseq,
-        readOnly: e.readOnly ?? false,
-        ...(e.description ? { description: e.description } : {}),
-      }),
-    );
-  }
+  const built = await buildExports({ exports });
   const server = new NbdServer({ exports: built, ...(limits ? { limits } : {}) });
   await server.listen({ path: socket });
   return {
