@@ -54,6 +54,7 @@ import {
   type ResolvedExportEntry,
 } from '../ggate/index.js';
 import { FrameReader } from './ggated-frames.js';
+import { closeListeners, drainSessions } from './drain.js';
 import { GgateExportTable, type GgateFileOpener, type GgateLease, type GgateStackSource } from './ggated-exports.js';
 import { GgateSession, ggateGeometry, type GgateSessionHost, type GgateSide } from './ggated-session.js';
 
@@ -299,14 +300,9 @@ export class GgatedServer implements GgateSessionHost {
     }
     if (this.#sessions.size > 0) {
       const drained = new Promise<void>((resolve) => (this.#drained = resolve));
-      for (const s of this.#sessions) s.shutdown();
-      const timer = setTimeout(() => {
-        for (const s of this.#sessions) s.destroy();
-      }, graceMs);
-      await drained;
-      clearTimeout(timer);
+      await drainSessions(this.#sessions, graceMs, drained);
     }
-    await Promise.all(this.#servers.map((s) => new Promise<void>((r) => (s.listening ? s.close(() => r()) : r()))));
+    await closeListeners(this.#servers);
     await this.table.close();
   }
 

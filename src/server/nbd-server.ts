@@ -10,6 +10,7 @@ import type { Export } from './export.js';
 import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './nbd-session.js';
 import { BufferPool } from './buffer-pool.js';
+import { closeListeners, drainSessions } from './drain.js';
 
 /** Where to listen. */
 export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
@@ -147,13 +148,8 @@ export class NbdServer implements SessionHost {
     }
     if (this.#sessions.size > 0) {
       const drained = new Promise<void>((resolve) => (this.#drained = resolve));
-      for (const s of this.#sessions) s.shutdown();
-      const timer = setTimeout(() => {
-        for (const s of this.#sessions) s.destroy();
-      }, graceMs);
-      await drained;
-      clearTimeout(timer);
+      await drainSessions(this.#sessions, graceMs, drained);
     }
-    await Promise.all(this.#servers.map((s) => new Promise<void>((r) => (s.listening ? s.close(() => r()) : r()))));
+    await closeListeners(this.#servers);
   }
 }
