@@ -124,7 +124,7 @@ function logEvent(name: string, target: GgatecTarget, verbose: boolean): (e: Gga
         if (verbose) say(`${name}: connecting to ${there} (attempt ${e.attempt}, token ${hex(e.token)})`);
         break;
       case 'connect-failed':
-        say(`${name}: cannot connect to ${there}: ${e.error.message} (${e.error.code}); retrying`);
+        say(`${name}: cannot connect (attempt ${e.attempt}): ${e.error.message} (${e.error.code}); retrying`);
         break;
       case 'connected':
         if (e.attempt > 1 || verbose) say(`${name}: connected to ${there} (token ${hex(e.token)})`);
