@@ -50,6 +50,7 @@ import {
   type GgatecResult,
   type GgatecTarget,
 } from '../../src/client/ggatec.js';
+import { gateGeometry } from '../../src/cli/ggatec.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
 import { RecordingDevice } from '../filters/recording.js';
 import { ByteSocket } from '../helpers/byte-socket.js';
@@ -61,6 +62,8 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 /** Bound of every wait on socket-driven state. */
 const WAIT_MS = 10_000;
+/** Bound of a whole test: a request that never completes fails the test instead of hanging it. */
+const TEST = { timeout: 60_000 };
 /** Reconnection interval in these tests (the real one is 2 s). */
 const FAST_RETRY_MS = 20;
 
@@ -208,7 +211,7 @@ function callLog(rec: RecordingDevice, from: number): string[] {
 }
 
 describe('ggatec: forwarding', () => {
-  test('READ, WRITE and FLUSH reach the ggated device with the data intact; DELETE is answered EOPNOTSUPP here', async () => {
+  test('READ, WRITE and FLUSH reach the ggated device with the data intact; DELETE is answered EOPNOTSUPP here', TEST, async () => {
     const rec = new RecordingDevice(new MemoryDevice({ size: 4 * MiB }));
     const { server, port } = await ggated({ '/dev/rec': { device: rec } });
     const f = await forwarder(target(port, '/dev/rec'));
@@ -245,7 +248,7 @@ describe('ggatec: forwarding', () => {
     await waitFor(() => server.sessionCount === 0, 'the server to see the client leave');
   });
 
-  test('a read-only gate over an RO export reads; asking rw of that export is refused EPERM at the handshake', async () => {
+  test('a read-only gate over an RO export reads; asking rw of that export is refused EPERM at the handshake', TEST, async () => {
     const mem = new MemoryDevice({ size: MiB });
     await mem.write(Buffer.alloc(4096, 0x5a), 8192, 0);
     const { port } = await ggated({ '/dev/ro': { device: mem } }, { exportsText: '127.0.0.1 RO /dev/ro\n' });
@@ -256,7 +259,7 @@ describe('ggatec: forwarding', () => {
     await rejectsWith(f.dev.write(Buffer.alloc(512), 0, 0), 'EPERM');
   });
 
-  test('no server: the connection fails with the socket error (ECONNREFUSED)', async () => {
+  test('no server: the connection fails with the socket error (ECONNREFUSED)', TEST, async () => {
     const s = net.createServer();
     await new Promise<void>((r) => s.listen({ host: '127.0.0.1', port: 0 }, r));
     const port = (s.address() as net.AddressInfo).port;
@@ -264,7 +267,7 @@ describe('ggatec: forwarding', () => {
     await rejectsWith(connectGgatec(target(port, '/x')), 'ECONNREFUSED');
   });
 
-  test('errors of the remote device come back as the requests’ errors, numbered the FreeBSD way on the wire', async () => {
+  test('errors of the remote device come back as the requests’ errors, numbered the FreeBSD way on the wire', TEST, async () => {
     const trigger = path.join(tmp, 'fail-flush');
     const { server, port } = await ggated({
       '/dev/err': {
@@ -295,7 +298,7 @@ describe('ggatec: forwarding', () => {
 });
 
 describe('ggatec: reconnecting (W8, W9)', () => {
-  test('connections cut with writes and a flush in flight: fresh token, CANCEL, resent in order, flush after the writes before it, nothing failed', async () => {
+  test('connections cut with writes and a flush in flight: fresh token, CANCEL, resent in order, flush after the writes before it, nothing failed', TEST, async () => {
     const rec = new RecordingDevice(new MemoryDevice({ size: 4 * MiB }));
     const { server, port } = await ggated({ '/dev/rec': { device: rec } });
     const relay = await Relay.start(port);
@@ -345,7 +348,7 @@ describe('ggatec: reconnecting (W8, W9)', () => {
     assert.equal(f.events.filter((e) => e.type === 'request' && e.error !== 0).length, 0);
   });
 
-  test('ggated restarted on its port while NBD writes are in flight: the NBD client sees no error, the data verifies, no ErrSeq records anything', async () => {
+  test('ggated restarted on its port while NBD writes are in flight: the NBD client sees no error, the data verifies, no ErrSeq records anything', TEST, async () => {
     const rec = new RecordingDevice(new MemoryDevice({ size: 4 * MiB }));
     const first = await ggated({ '/dev/disk': { device: rec } });
     const f = await forwarder(target(first.port, '/dev/disk'));
@@ -390,7 +393,7 @@ describe('ggatec: reconnecting (W8, W9)', () => {
     assert.equal(second.server.errseq('/dev/disk').describe().value, 0);
   });
 
-  test('a reply that does not echo its request is a lost connection; a stray reply is skipped; the request completes after reconnecting', async () => {
+  test('a reply that does not echo its request is a lost connection; a stray reply is skipped; the request completes after reconnecting', TEST, async () => {
     const fake = await FakeGgated.start(MiB);
     const f = await forwarder(target(fake.port, '/dev/fake'));
     const payload = Buffer.alloc(4096, 7);
@@ -421,7 +424,7 @@ describe('ggatec: reconnecting (W8, W9)', () => {
 });
 
 describe('ggatec: stopping, rescuing, destroying', () => {
-  test('stop with a write unanswered: EINTR after the grace, the write stays in flight, a second forwarder rescues it', async () => {
+  test('stop with a write unanswered: EINTR after the grace, the write stays in flight, a second forwarder rescues it', TEST, async () => {
     const rec = new RecordingDevice(new MemoryDevice({ size: MiB }));
     const { port } = await ggated({ '/dev/rec': { device: rec } });
     const f = await forwarder(target(port, '/dev/rec'), { stopGraceMs: 50 });
@@ -449,7 +452,7 @@ describe('ggatec: stopping, rescuing, destroying', () => {
     assert.equal((await rescued).served, 1);
   });
 
-  test('stop with replies coming: they are answered first, then EINTR', async () => {
+  test('stop with replies coming: they are answered first, then EINTR', TEST, async () => {
     const rec = new RecordingDevice(new MemoryDevice({ size: MiB }));
     const { port } = await ggated({ '/dev/rec': { device: rec } });
     const f = await forwarder(target(port, '/dev/rec'), { stopGraceMs: WAIT_MS });
@@ -463,7 +466,7 @@ describe('ggatec: stopping, rescuing, destroying', () => {
     assert.equal(fx.registry.list().find((g) => g.unit === f.unit)?.inFlight, 0);
   });
 
-  test('the gate destroyed while the server is away: the forwarder ends cleanly', async () => {
+  test('the gate destroyed while the server is away: the forwarder ends cleanly', TEST, async () => {
     const { server, port } = await ggated({ '/dev/m': { backend: { type: 'memory', size: '1M' } } });
     const f = await forwarder(target(port, '/dev/m'));
     await server.close(0);
@@ -475,7 +478,11 @@ describe('ggatec: stopping, rescuing, destroying', () => {
     assert.equal(r.connects, 1);
   });
 
-  test('options are checked', () => {
+  test('options are checked; the CLI rounds the media size down to whole sectors of -s', TEST, () => {
+    assert.deepEqual(gateGeometry({ mediasize: 8 * MiB + 1536, sectorsize: 512 }), { mediasize: 8 * MiB + 1536, sectorsize: 512 });
+    assert.deepEqual(gateGeometry({ mediasize: 8 * MiB + 1536, sectorsize: 512 }, 4096), { mediasize: 8 * MiB, sectorsize: 4096 });
+    assert.throws(() => gateGeometry({ mediasize: MiB, sectorsize: 4096 }, 512), /not a multiple/);
+    assert.throws(() => gateGeometry({ mediasize: 2048, sectorsize: 512 }, 4096), /no whole/);
     assert.throws(
       () => serveGgatec(client, 0, { target: target(1, '/x'), reconnectIntervalMs: -1 }),
       (e: unknown) => e instanceof BlockError && e.code === 'EINVAL',

@@ -30,6 +30,8 @@ const MAIN = path.resolve(import.meta.dirname, '../../src/cli/main.ts');
 const CLI = ['--import', 'tsx', MAIN];
 /** Bound on any single wait for a child's output or exit. */
 const WAIT_MS = 60_000;
+/** Bound of a whole test. */
+const TEST = { timeout: 300_000 };
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-ggatec-'));
 const CTL = path.join(tmp, 'run', 'ctl.sock');
@@ -195,7 +197,7 @@ after(() => {
 });
 
 describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real NBD clients', () => {
-  test('create prints ggate0; qemu-img convert in and out through the chain verifies; trim is EOPNOTSUPP; destroy ends ggatec with 0', async () => {
+  test('create prints ggate0; qemu-img convert in and out through the chain verifies; trim is EOPNOTSUPP; destroy ends ggatec with 0', TEST, async () => {
     const handler = blockgate(['ggatec', 'create', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
     const [name] = await handler.waitFor(/ggate\d+/);
     assert.equal(name, 'ggate0');
@@ -240,7 +242,7 @@ describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real 
     assert.deepEqual((await status()).gates, []);
   });
 
-  test('flushes go through the chain: success, then EIO while ggated’s error filter fails flushes', async () => {
+  test('flushes go through the chain: success, then EIO while ggated’s error filter fails flushes', TEST, async () => {
     const handler = blockgate(['ggatec', 'create', '-u', '1', '-p', String(gg.port), '--control', CTL, '127.0.0.1', FLAKY_PATH]);
     await untilGates((g) => g.some((x) => x.name === 'ggate1' && x.sleeping > 0), 'ggate1 served');
     assert.equal(handler.stdout(), '', 'no name printed with -u, as in FreeBSD');
@@ -259,7 +261,7 @@ describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real 
     assert.equal(await handler.exited(), 0);
   });
 
-  test('ggated killed and restarted on its port while nbdsh streams writes: ggatec reconnects with a fresh token, nbdsh sees no error, the data verifies, no ErrSeq records anything', async () => {
+  test('ggated killed and restarted on its port while nbdsh streams writes: ggatec reconnects with a fresh token, nbdsh sees no error, the data verifies, no ErrSeq records anything', TEST, async () => {
     const BS = 65536;
     const N = 256;
     const disk = path.join(tmp, 'disk2.img');
@@ -321,7 +323,7 @@ print("VERIFIED", flush=True)
     assert.equal(await own.child.exited(), 0);
   });
 
-  test('SIGTERM stops ggatec and leaves the gate; ggatec rescue serves it again', async () => {
+  test('SIGTERM stops ggatec and leaves the gate; ggatec rescue serves it again', TEST, async () => {
     const handler = blockgate(['ggatec', 'create', '-u', '4', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
     await untilGates((g) => g.some((x) => x.name === 'ggate4' && x.sleeping > 0), 'ggate4 served');
     handler.proc.kill('SIGTERM');
@@ -339,7 +341,7 @@ print("VERIFIED", flush=True)
     assert.equal(await rescuer.exited(), 0);
   });
 
-  test('refusals end create with status 1 and make no gate: a path not exported (EPERM), no ggated (ECONNREFUSED), an incompatible -s', async () => {
+  test('refusals end create with status 1 and make no gate: a path not exported (EPERM), no ggated (ECONNREFUSED), an incompatible -s', TEST, async () => {
     const notExported = await blockgateRun(['ggatec', 'create', '-p', String(gg.port), '--control', CTL, '127.0.0.1', '/not/exported']);
     assert.equal(notExported.code, 1);
     assert.match(notExported.stderr, /cannot connect: .*refused the connection.*\(EPERM\)/);
