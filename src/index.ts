@@ -59,3 +59,5 @@ export type { ControlServerOptions, ControlHandle, StartControlOptions } from '.
 export { GateService, GateExport, GateExportDevice } from './server/control-gates.js';
 export type { StatusReport, ExportStatus } from './server/control-gates.js';
 export { CONTROL, CONTROL_OP } from './server/control-protocol.js';
+export { serveGgatec, connectGgatec, GGATEC } from './client/ggatec.js';
+export type { GgatecOptions, GgatecResult, GgatecEvent, GgatecTarget } from './client/ggatec.js';
