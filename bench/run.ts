@@ -2,7 +2,7 @@
  * `npm run bench`: blockgate against nbdkit and qemu-nbd, in one run, with the same
  * clients and the same data. Method and latest table: docs/PERFORMANCE.md.
  *
- *   npm run bench                 # full mode: 4 GiB exports, 5 runs per figure (< 20 min)
+ *   npm run bench                 # full mode: 4 GiB exports, 3 runs per figure (< 20 min)
  *   npm run bench -- --quick      # 512 MiB, 1 run, short fio runs (< 3 min)
  *   npm run bench -- --ci         # regression guard: blockgate vs nbdkit memory only (< 1 min)
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
@@ -62,7 +62,7 @@ const ALL_SERVERS: readonly ServerKind[] = [
 ];
 
 const MODES: Record<Mode['name'], Mode> = {
-  full: { name: 'full', size: 4 * 2 ** 30, runs: 5, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS },
+  full: { name: 'full', size: 4 * 2 ** 30, runs: 3, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS },
   quick: { name: 'quick', size: 512 * 2 ** 20, runs: 1, fioSeconds: 2, servers: ALL_SERVERS, workloads: ALL_WORKLOADS },
   ci: {
     name: 'ci',
