@@ -111,6 +111,12 @@ function pwrite(fd: number, buf: Buffer, at: number, length: number, position: n
   });
 }
 
+function pwritev(fd: number, bufs: readonly Buffer[], position: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.writev(fd, bufs, position, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
 function fdatasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => {
     fs.fdatasync(fd, (err) => (err ? reject(err) : resolve()));
@@ -162,6 +168,9 @@ async function blockDeviceSize(file: string, st: fs.Stats): Promise<number> {
   }
   throw new BlockError('EINVAL', `file: path: cannot determine the size of block device '${file}'`);
 }
+
+/** Most pieces one pwritev(2) call takes on Linux (IOV_MAX). */
+export const IOV_MAX = 1024;
 
 /** statfs(2) f_type of tmpfs (linux/magic.h TMPFS_MAGIC). */
 export const TMPFS_MAGIC = 0x01021994;
@@ -267,6 +276,43 @@ export class FileDevice implements BlockDevice {
   write(data: Buffer, offset: number, flags: number): Promise<void> {
     return this.#runWritable('write', async () => {
       await this.#writeFully(data, offset);
+      if (flags & REQ.FUA) await this.#sync('write');
+    });
+  }
+
+  /**
+   * Gather write: the pieces go to pwritev(2) as they are (no concatenation), inline on
+   * tmpfs like write(). A short write continues from where it stopped.
+   */
+  writev(data: readonly Buffer[], offset: number, flags: number): Promise<void> {
+    return this.#runWritable('write', async () => {
+      let pieces = data.filter((b) => b.length > 0);
+      let at = offset;
+      const total = pieces.reduce((t, b) => t + b.length, 0);
+      const inline = this.nonBlocking && total <= INLINE_IO_MAX;
+      while (pieces.length > 0) {
+        let n: number;
+        try {
+          // pwritev takes at most IOV_MAX pieces per call; the loop writes the rest.
+          const batch = pieces.length > IOV_MAX ? pieces.slice(0, IOV_MAX) : pieces;
+          n = inline ? fs.writevSync(this.#fd, batch, at) : await pwritev(this.#fd, batch, at);
+        } catch (e) {
+          throw ioError(e, 'write', at);
+        }
+        if (n === 0) throw new BlockError('EIO', `write: no progress at offset ${at}`, { offset: at });
+        at += n;
+        // Drop what was written; keep the rest of a piece cut in the middle.
+        while (n > 0 && pieces.length > 0) {
+          const first = pieces[0]!;
+          if (n >= first.length) {
+            n -= first.length;
+            pieces = pieces.slice(1);
+          } else {
+            pieces = [first.subarray(n), ...pieces.slice(1)];
+            n = 0;
+          }
+        }
+      }
       if (flags & REQ.FUA) await this.#sync('write');
     });
   }

@@ -6,7 +6,7 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { BlockError } from '../../src/errors/index.js';
 import { REQ } from '../../src/device/types.js';
-import { FileDevice, TMPFS_MAGIC, ZERO_CHUNK_SIZE, fileBackend } from '../../src/backends/file.js';
+import { FileDevice, IOV_MAX, TMPFS_MAGIC, ZERO_CHUNK_SIZE, fileBackend } from '../../src/backends/file.js';
 import { runContract } from './contract.js';
 
 const SIZE = 3 * 2 ** 20 + 12345;
@@ -209,5 +209,42 @@ describe('file: I/O mode', () => {
 
   test('a bad io setting is named', async () => {
     await assert.rejects(fileBackend({ type: 'file', path: tempPath(), io: 'fast' }), { code: 'EINVAL', message: /io/ });
+  });
+});
+
+describe('file: gather writes (writev)', () => {
+  for (const io of ['inline', 'thread-pool'] as const) {
+    test(`writev stores the same bytes as write of the concatenation (${io}), also beyond IOV_MAX pieces`, async () => {
+      const a = await fileBackend({ type: 'file', path: tempPath(), create: true, size: 1 << 20, io });
+      const b = await fileBackend({ type: 'file', path: tempPath(), create: true, size: 1 << 20, io });
+      try {
+        const cases: Buffer[][] = [
+          [randomBytes(10), randomBytes(70000), Buffer.alloc(0), randomBytes(3)],
+          Array.from({ length: IOV_MAX + 300 }, (_, i) => Buffer.from([i & 0xff, (i >> 8) & 0xff])),
+        ];
+        let offset = 4097;
+        for (const pieces of cases) {
+          await a.writev(pieces, offset, REQ.FUA);
+          await b.write(Buffer.concat(pieces), offset, 0);
+          offset += 100000;
+        }
+        const ra = Buffer.alloc(1 << 20);
+        const rb = Buffer.alloc(1 << 20);
+        await a.read(ra, 0, 0);
+        await b.read(rb, 0, 0);
+        assert.ok(ra.equals(rb));
+      } finally {
+        await a.close();
+        await b.close();
+      }
+    });
+  }
+
+  test('writev on a read-only file is EPERM', async () => {
+    const file = tempPath();
+    fs.writeFileSync(file, Buffer.alloc(4096));
+    const dev = await fileBackend({ type: 'file', path: file, readonly: true });
+    await assert.rejects(dev.writev([Buffer.alloc(1)], 0, 0), { code: 'EPERM' });
+    await dev.close();
   });
 });
