@@ -427,6 +427,10 @@ export class NbdSession implements ExportSession {
         return this.#onInfoOrGo(option, data);
       case O.NBD_OPT_STRUCTURED_REPLY:
         if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+        if (this.#mode === MODE.EXTENDED) {
+          // The spec's reply for a downgrade from extended headers, which take precedence.
+          return this.#optionReply(option, R.NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
+        }
         if (this.#mode !== MODE.SIMPLE) {
           return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'structured replies are already negotiated');
         }

