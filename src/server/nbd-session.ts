@@ -441,9 +441,9 @@ export class NbdSession implements ExportSession {
         if (this.#mode === MODE.EXTENDED) {
           return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'extended headers are already negotiated');
         }
+        // The metadata context selection stays: the spec lets only a later SET_META_CONTEXT
+        // (or STARTTLS) replace it, and base:allocation fits either descriptor format.
         this.#mode = MODE.EXTENDED;
-        // Meta context selections depend on the header format; start over.
-        this.#metaExport = null;
         return this.#optionReply(option, R.NBD_REP_ACK);
       case O.NBD_OPT_LIST_META_CONTEXT:
       case O.NBD_OPT_SET_META_CONTEXT:

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { Export } from '../../src/server/index.js';
 import { NBD_CMD, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
-import { encodeInfoRequest } from '../../src/nbd/codec.js';
+import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
 import { readReply, serveExports, type DirectServer } from './helpers.js';
 
@@ -41,6 +41,18 @@ describe('option negotiation', () => {
     c.request(0, C.NBD_CMD_FLUSH, 1n, 0, 0, true);
     const [reply] = await readReply(c);
     assert.equal(reply!.h.kind, 'extended');
+    c.close();
+  });
+
+  test('EXTENDED_HEADERS after SET_META_CONTEXT keeps base:allocation selected (only SET and STARTTLS replace it)', async () => {
+    const c = await greeted();
+    await c.expectAck(NBD_OPT.NBD_OPT_STRUCTURED_REPLY);
+    await c.expectAck(NBD_OPT.NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('disk', ['base:allocation']));
+    await c.expectAck(NBD_OPT.NBD_OPT_EXTENDED_HEADERS);
+    await c.expectAck(NBD_OPT.NBD_OPT_GO, encodeInfoRequest('disk', []));
+    c.request(0, C.NBD_CMD_BLOCK_STATUS, 1n, 0, 65536, true);
+    const [reply] = await readReply(c);
+    assert.equal(reply!.h.type & 0x8000, 0, 'not an error chunk');
     c.close();
   });
 });
