@@ -480,11 +480,11 @@ export class NbdSession implements ExportSession {
     if (this.#mode === MODE.SIMPLE) {
       return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'negotiate structured replies first');
     }
+    const set = option === NBD_OPT.NBD_OPT_SET_META_CONTEXT;
+    if (set) this.#metaExport = null; // a SET replaces all earlier selections, even if it fails
     const req = decodeMetaContextRequest(data);
     if (isDecodeError(req)) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, req.error);
     const exp = this.#host.findExport(req.name);
-    const set = option === NBD_OPT.NBD_OPT_SET_META_CONTEXT;
-    if (set) this.#metaExport = null; // a SET replaces all earlier selections, even if it fails
     if (!exp) return this.#optionReply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
     // Which queries select base:allocation: for LIST, none (= all), "base:" (the namespace
     // wildcard) or the full name; for SET, only the full name. Unknown names are ignored.

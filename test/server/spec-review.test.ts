@@ -7,11 +7,12 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/backends/memory.js';
+import { NBD_ERROR } from '../../src/errors/index.js';
 import { Export } from '../../src/server/index.js';
 import { NBD_CMD, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
 import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
-import { readReply, serveExports, type DirectServer } from './helpers.js';
+import { expectError, readReply, serveExports, type DirectServer } from './helpers.js';
 
 const C = NBD_CMD;
 const SIZE = 1024 * 1024;
@@ -53,6 +54,18 @@ describe('option negotiation', () => {
     c.request(0, C.NBD_CMD_BLOCK_STATUS, 1n, 0, 65536, true);
     const [reply] = await readReply(c);
     assert.equal(reply!.h.type & 0x8000, 0, 'not an error chunk');
+    c.close();
+  });
+
+  test('a malformed SET_META_CONTEXT (ERR_INVALID) still replaces the earlier selection', async () => {
+    const c = await greeted();
+    await c.expectAck(NBD_OPT.NBD_OPT_STRUCTURED_REPLY);
+    await c.expectAck(NBD_OPT.NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest('disk', ['base:allocation']));
+    const r = await c.option(NBD_OPT.NBD_OPT_SET_META_CONTEXT, Buffer.from([0, 0, 0, 9]));
+    assert.deepEqual(r.map((x) => x.type), [NBD_REP.NBD_REP_ERR_INVALID]);
+    await c.expectAck(NBD_OPT.NBD_OPT_GO, encodeInfoRequest('disk', []));
+    c.request(0, C.NBD_CMD_BLOCK_STATUS, 1n, 0, 65536);
+    await expectError(c, 1n, NBD_ERROR.NBD_EINVAL);
     c.close();
   });
 });
