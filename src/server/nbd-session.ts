@@ -715,8 +715,9 @@ export class NbdSession implements ExportSession {
         return null;
       }
       case NBD_CMD.NBD_CMD_CACHE:
-        // A hint: its failure must not change what reads return, so it is not an error.
-        if (h.length > 0) await dev.cache(h.offset, h.length, 0).catch((e: unknown) => this.#log.debug({ err: e }, 'cache failed'));
+        // A hint whose failure changes nothing else, but the spec still wants it reported:
+        // "If an error occurs, the server MUST set the appropriate error code".
+        if (h.length > 0) await dev.cache(h.offset, h.length, 0);
         return null;
       case NBD_CMD.NBD_CMD_BLOCK_STATUS:
         return this.#blockStatus(h);

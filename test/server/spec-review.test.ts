@@ -7,21 +7,30 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { MemoryDevice } from '../../src/backends/memory.js';
-import { NBD_ERROR } from '../../src/errors/index.js';
+import { FilterDevice } from '../../src/device/index.js';
+import { BlockError, NBD_ERROR } from '../../src/errors/index.js';
 import { Export } from '../../src/server/index.js';
 import { NBD_CMD, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
 import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
-import { expectError, readReply, serveExports, type DirectServer } from './helpers.js';
+import { expectError, expectOk, readReply, serveExports, type DirectServer } from './helpers.js';
 
 const C = NBD_CMD;
 const SIZE = 1024 * 1024;
+
+/** A device whose cache() always fails, as a prefetch from a failing disk would. */
+class FailingCache extends FilterDevice {
+  override cache(): Promise<void> {
+    return Promise.reject(new BlockError('EIO', 'prefetch failed'));
+  }
+}
 
 let srv: DirectServer;
 
 before(async () => {
   srv = await serveExports([
     new Export({ name: 'disk', device: new MemoryDevice({ size: SIZE }) }),
+    new Export({ name: 'badcache', device: new FailingCache(new MemoryDevice({ size: SIZE })) }),
   ]);
 });
 after(() => srv.close());
@@ -66,6 +75,19 @@ describe('option negotiation', () => {
     await c.expectAck(NBD_OPT.NBD_OPT_GO, encodeInfoRequest('disk', []));
     c.request(0, C.NBD_CMD_BLOCK_STATUS, 1n, 0, 65536);
     await expectError(c, 1n, NBD_ERROR.NBD_EINVAL);
+    c.close();
+  });
+});
+
+describe('transmission', () => {
+  test('a failing CACHE reports its error (the spec: the server MUST set the error code)', async () => {
+    const c = await RawClient.connect(srv.socket);
+    await c.handshake('badcache', { structured: true });
+    c.request(0, C.NBD_CMD_CACHE, 1n, 0, 4096);
+    await expectError(c, 1n, NBD_ERROR.NBD_EIO);
+    // Reads and writes of the range are unaffected.
+    c.request(0, C.NBD_CMD_WRITE, 2n, 0, 4096, false, Buffer.alloc(4096, 7));
+    await expectOk(c, 2n);
     c.close();
   });
 });
