@@ -142,7 +142,11 @@ export class GgateSession implements ExportSession {
     exp.attach(this);
 
     this.#recv.onEnd = () => this.#onRecvEnd();
-    this.#recv.onClose = () => this.#abort('request connection closed');
+    // After the client's EOF the socket closes by itself (the server does not allow half
+    // open sockets, so Node ends our side at once); what was received is still served.
+    this.#recv.onClose = () => {
+      if (!this.#recvEnded) this.#abort('request connection closed');
+    };
     this.#send.onEnd = () => this.#abort('reply connection ended by the client');
     this.#send.onClose = () => this.#abort('reply connection closed');
     this.#send.socket.on('drain', this.#onDrain);
