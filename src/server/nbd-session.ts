@@ -657,8 +657,10 @@ export class NbdSession implements ExportSession {
         if (h.offset !== 0 || h.length !== 0) return new BlockError('EINVAL', 'FLUSH offset and length must be 0');
         return null;
       case C.NBD_CMD_READ:
+        // EINVAL, as for an oversized WRITE: the spec asks for it above the advertised
+        // maximum and keeps EOVERFLOW for DF and for payload-less commands.
         if (h.length > this.#host.limits.maxPayload) {
-          return new BlockError('EOVERFLOW', `READ of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`);
+          return new BlockError('EINVAL', `READ of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`);
         }
         break;
       case C.NBD_CMD_TRIM:

@@ -10,13 +10,15 @@ import { MemoryDevice } from '../../src/backends/memory.js';
 import { FilterDevice } from '../../src/device/index.js';
 import { BlockError, NBD_ERROR } from '../../src/errors/index.js';
 import { Export } from '../../src/server/index.js';
-import { NBD_CMD, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
+import { NBD_CMD, NBD_CMD_FLAG, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
 import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
 import { expectError, expectOk, readReply, serveExports, type DirectServer } from './helpers.js';
 
 const C = NBD_CMD;
 const SIZE = 1024 * 1024;
+/** Below SIZE, so that a READ can exceed the maximum payload without leaving the export. */
+const MAX_PAYLOAD = 64 * 1024;
 
 /** A device whose cache() always fails, as a prefetch from a failing disk would. */
 class FailingCache extends FilterDevice {
@@ -31,7 +33,7 @@ before(async () => {
   srv = await serveExports([
     new Export({ name: 'disk', device: new MemoryDevice({ size: SIZE }) }),
     new Export({ name: 'badcache', device: new FailingCache(new MemoryDevice({ size: SIZE })) }),
-  ]);
+  ], { maxPayload: MAX_PAYLOAD });
 });
 after(() => srv.close());
 
@@ -88,6 +90,16 @@ describe('transmission', () => {
     // Reads and writes of the range are unaffected.
     c.request(0, C.NBD_CMD_WRITE, 2n, 0, 4096, false, Buffer.alloc(4096, 7));
     await expectOk(c, 2n);
+    c.close();
+  });
+
+  test('a READ longer than the maximum payload gets EINVAL, with or without DF (EOVERFLOW is not for this)', async () => {
+    const c = await RawClient.connect(srv.socket);
+    await c.handshake('disk', { structured: true });
+    c.request(0, C.NBD_CMD_READ, 1n, 0, MAX_PAYLOAD + 512);
+    await expectError(c, 1n, NBD_ERROR.NBD_EINVAL);
+    c.request(NBD_CMD_FLAG.NBD_CMD_FLAG_DF, C.NBD_CMD_READ, 2n, 0, MAX_PAYLOAD + 512);
+    await expectError(c, 2n, NBD_ERROR.NBD_EINVAL);
     c.close();
   });
 });
