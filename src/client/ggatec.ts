@@ -211,6 +211,13 @@ class GgatecForwarder {
   readonly #halt = new AbortController();
 
   #link: GgatecLink | null = null;
+  /**
+   * Aborted when the current link is lost or the forwarder halts: the signal of every
+   * START on that link. Made once per link, not per START: on Node 20 each
+   * AbortSignal.any() leaves an entry in its sources until they abort, so one per
+   * request would grow the long-lived #halt signal without bound.
+   */
+  #linkSignal: AbortSignal | null = null;
   /** Requests on the current link, by wire seq (a JS number: 2^53 requests will not happen). */
   readonly #sent = new Map<number, Sent>();
   #wireSeq = 1;
@@ -280,7 +287,8 @@ class GgatecForwarder {
   async #loop(): Promise<void> {
     while (!this.#ending) {
       const link = this.#link;
-      if (link === null || link.lost) {
+      const signal = this.#linkSignal;
+      if (link === null || link.lost || signal === null) {
         await this.#recover();
         continue;
       }
@@ -290,7 +298,7 @@ class GgatecForwarder {
           version: GATE.VERSION,
           unit: this.#unit,
           length: GGATEC.START_LENGTH,
-          signal: AbortSignal.any([link.signal, this.#halt.signal]),
+          signal,
         });
       } catch (e) {
         // Our own abort (link lost, stop, failure): the loop looks again.
@@ -345,6 +353,7 @@ class GgatecForwarder {
 
   #attach(link: GgatecLink): void {
     this.#link = link;
+    this.#linkSignal = AbortSignal.any([link.signal, this.#halt.signal]);
     this.#sent.clear();
     link.signal.addEventListener('abort', () => this.#wake(), { once: true });
     this.#expectReply(link);
@@ -425,6 +434,7 @@ class GgatecForwarder {
     const old = this.#link;
     if (old !== null) {
       this.#link = null;
+      this.#linkSignal = null;
       this.#stats.disconnects++;
       this.#emit({ type: 'disconnected', reason: old.reason ?? 'lost', inFlight: this.#sent.size });
       this.#sent.clear();
