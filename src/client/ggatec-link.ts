@@ -202,6 +202,10 @@ function handshake(
             );
           }
           cleanup();
+          // Nothing is expected from the server until the link's user asks for replies:
+          // stop reading, so whatever it sends meanwhile waits in the kernel (TCP
+          // backpressure) rather than piling up in the reader (see FrameReader).
+          socket.pause();
           // From now on the link decides what a lost socket means.
           side.gone = () => undefined;
           resolve({ side, mediasize: s.value.mediasize as number, sectorsize: s.value.sectorsize });
@@ -234,8 +238,9 @@ export async function connectGgatec(target: GgatecTarget, opts: GgatecConnectOpt
 
 /**
  * An established ggatec connection pair. The receive side's frame reader is left to the
- * user (it continues right after the sinit, so no byte is missed); the send side never
- * carries anything from the server, and whatever arrives there is discarded.
+ * user (it continues right after the sinit, so no byte is missed); its connection is not
+ * read until the user calls {@link GgatecLink.receive}. The send side never carries
+ * anything from the server, and whatever arrives there is discarded.
  */
 export class GgatecLink {
   readonly target: GgatecTarget;
@@ -260,6 +265,8 @@ export class GgatecLink {
     rx.gone = (why) => this.lose(`receive connection: ${why}`);
     tx.gone = (why) => this.lose(`send connection: ${why}`);
     tx.reader.discard();
+    // Read (and drop) what arrives, so the server closing it is noticed.
+    tx.socket.resume();
     tx.socket.on('drain', () => this.#wakeDrain());
     // A socket may have gone between its handshake and now.
     for (const [s, name] of [
@@ -273,6 +280,15 @@ export class GgatecLink {
   /** The frame reader of the receive connection (replies). */
   get reader(): FrameReader {
     return this.#rx.reader;
+  }
+
+  /**
+   * Starts reading the receive connection into {@link reader}: set the first
+   * expectation, then call this. Until then the connection is paused, so a server
+   * sending early cannot make the client buffer without bound.
+   */
+  receive(): void {
+    if (!this.lost) this.#rx.socket.resume();
   }
 
   /** Aborted when the link is lost. */

@@ -357,6 +357,7 @@ class GgatecForwarder {
     this.#sent.clear();
     link.signal.addEventListener('abort', () => this.#wake(), { once: true });
     this.#expectReply(link);
+    link.receive();
   }
 
   #expectReply(link: GgatecLink): void {

@@ -5,10 +5,12 @@
  */
 import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
 import { GateRegistry, type GateStartArgs } from '../../src/gate/index.js';
-import { parseExports, resolveExports } from '../../src/ggate/index.js';
+import { GGATE_FLAG, GGATE_SIZE, decodeCinit, encodeSinit, encodeVersion, parseExports, resolveExports } from '../../src/ggate/index.js';
 import { GgatedServer } from '../../src/server/ggated.js';
-import { serveGgatec, type GgatecGateCalls } from '../../src/client/ggatec.js';
+import { connectGgatec, serveGgatec, type GgatecGateCalls } from '../../src/client/ggatec.js';
+import { ByteSocket } from '../helpers/byte-socket.js';
 
 const cleanups: (() => Promise<void> | void)[] = [];
 after(async () => {
@@ -58,5 +60,53 @@ describe('ggatec forwarder', () => {
     // On Node 20 every AbortSignal.any() stays registered in its sources until they abort:
     // one per START would grow the forwarder's long-lived stop signal without bound.
     assert.equal(new Set(signals).size, 1, 'one signal for the whole connection');
+  });
+});
+
+/**
+ * A ggated that completes both handshakes, then sends `flood` bytes nobody asked for on
+ * the client's receive connection. Resolves `flushed` once all of them left its socket.
+ */
+async function floodingGgated(flood: number): Promise<{ port: number; flushed: Promise<void> }> {
+  let flushed!: () => void;
+  const done = new Promise<void>((r) => (flushed = r));
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((s) => {
+    sockets.add(s);
+    s.on('error', () => undefined);
+    const c = new ByteSocket(s);
+    void (async () => {
+      await c.read(GGATE_SIZE.VERSION_SIZE);
+      c.write(encodeVersion({ version: 0, error: null }));
+      const d = decodeCinit(await c.read(GGATE_SIZE.CINIT_SIZE));
+      assert.ok(d.ok);
+      c.write(encodeSinit({ mediasize: 1024 * 1024, sectorsize: 512, error: null }));
+      // GGATE_FLAG_SEND (the server sends on it): the client's receive connection.
+      if ((Number(d.value.flags) & GGATE_FLAG.GGATE_FLAG_SEND) !== 0) s.write(Buffer.alloc(flood, 0xee), () => flushed());
+    })().catch(() => s.destroy());
+  });
+  await new Promise<void>((r) => server.listen({ host: '127.0.0.1', port: 0 }, r));
+  cleanups.push(
+    () =>
+      new Promise<void>((r) => {
+        server.close(() => r());
+        for (const s of sockets) s.destroy();
+      }),
+  );
+  return { port: (server.address() as net.AddressInfo).port, flushed: done };
+}
+
+describe('ggatec link', () => {
+  test('bytes a server sends before anyone reads replies are not buffered by the client', async () => {
+    const FLOOD = 64 * 1024 * 1024;
+    const { port, flushed } = await floodingGgated(FLOOD);
+    const link = await connectGgatec({ host: '127.0.0.1', port, path: '/dev/x', access: 'rw' });
+    cleanups.push(() => link.close());
+    // Unfixed, the client reads the whole flood into the reader's queue at once; fixed,
+    // the flood stalls in the kernel and `flushed` never comes. The wait only gives the
+    // unfixed client the time to show it.
+    await Promise.race([flushed, new Promise((r) => setTimeout(r, 500))]);
+    assert.ok(link.reader.buffered < FLOOD / 8, `the client holds ${link.reader.buffered} bytes it was not asked to read`);
+    assert.equal(link.lost, false);
   });
 });
