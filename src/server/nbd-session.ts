@@ -82,6 +82,14 @@ const EMPTY = Buffer.alloc(0);
 /** The metadata context id of base:allocation (any non-zero id works; one context exists). */
 const BASE_ALLOCATION_ID = 1;
 
+/**
+ * Bytes one block-status descriptor takes in a reply (the extended form; compact ones
+ * take 8). A BLOCK_STATUS is charged for its largest possible reply against the
+ * in-flight byte budget: without that, a peer could have maxInFlightRequests of them
+ * each building maxExtents descriptors at once.
+ */
+const STATUS_DESCRIPTOR_BYTES = 16;
+
 /** Input states. */
 const S = {
   CLIENT_FLAGS: 0,
@@ -622,7 +630,11 @@ export class NbdSession implements ExportSession {
       if (this.#inFlight === 0) this.#hangUp();
       return;
     }
-    const cost = payload ? h.length : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload) : 0;
+    const cost =
+      payload ? h.length
+      : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload)
+      : h.type === NBD_CMD.NBD_CMD_BLOCK_STATUS ? this.#statusCost(h)
+      : 0;
     const req: Request = { h, cost, owner };
     this.#begin(h, cost);
     const invalid = this.#validate(h, payload);
@@ -631,6 +643,13 @@ export class NbdSession implements ExportSession {
       (result) => this.#finish(req, result),
       (e: unknown) => this.#finish(req, new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ)),
     );
+  }
+
+  /** The most reply bytes a BLOCK_STATUS can need: one descriptor per minimum block, at most maxExtents. */
+  #statusCost(h: RequestHeader): number {
+    if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE) return STATUS_DESCRIPTOR_BYTES;
+    const blocks = Math.ceil(h.length / this.#device!.blockSize.minimum);
+    return Math.min(blocks, this.#host.limits.maxExtents) * STATUS_DESCRIPTOR_BYTES;
   }
 
   /** The one place a request is checked before it reaches the device. Returns the error, or null. */

@@ -6,14 +6,15 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { FilterDevice } from '../../src/device/index.js';
 import { BlockError, NBD_ERROR } from '../../src/errors/index.js';
 import { Export } from '../../src/server/index.js';
-import { NBD_CMD, NBD_CMD_FLAG, NBD_OPT, NBD_REP } from '../../src/nbd/constants.js';
-import { encodeInfoRequest, encodeMetaContextRequest } from '../../src/nbd/codec.js';
+import { NBD_CMD, NBD_CMD_FLAG, NBD_OPT, NBD_REP, NBD_REPLY_TYPE } from '../../src/nbd/constants.js';
+import { encodeInfoRequest, encodeMetaContextRequest, encodeRequest } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
-import { expectError, expectOk, readReply, serveExports, type DirectServer } from './helpers.js';
+import { GatedDevice, connect, expectError, expectOk, readReply, serveExports, until, type DirectServer } from './helpers.js';
 
 const C = NBD_CMD;
 const SIZE = 1024 * 1024;
@@ -101,5 +102,39 @@ describe('transmission', () => {
     c.request(NBD_CMD_FLAG.NBD_CMD_FLAG_DF, C.NBD_CMD_READ, 2n, 0, MAX_PAYLOAD + 512);
     await expectError(c, 2n, NBD_ERROR.NBD_EINVAL);
     c.close();
+  });
+});
+
+describe('resource bounds', () => {
+  test('BLOCK_STATUS requests count against maxInFlightBytes by their largest reply: the server stops reading', async () => {
+    const EXTENTS = 1024;
+    const dev = new GatedDevice(new MemoryDevice({ size: SIZE }));
+    // Each BLOCK_STATUS below may need EXTENTS descriptors of 16 bytes: four fill the budget.
+    const s = await serveExports([new Export({ name: 'd', device: dev })], {
+      maxExtents: EXTENTS,
+      maxInFlightBytes: 4 * EXTENTS * 16,
+    });
+    try {
+      const c = await connect(s.socket, 'structured', 'd', true);
+      dev.hold((op) => op === 'extents');
+      const N = 10;
+      const reqs: Buffer[] = [];
+      for (let i = 0; i < N; i++) reqs.push(encodeRequest(0, C.NBD_CMD_BLOCK_STATUS, BigInt(i), 0, SIZE));
+      c.write(Buffer.concat(reqs));
+      await until(() => dev.waiting === 4, '4 BLOCK_STATUS requests in the device');
+      // Let the server read whatever it would read: it must not start more.
+      await sleep(50);
+      assert.equal(dev.waiting, 4);
+      dev.release(Infinity, true);
+      for (let i = 0; i < N; i++) {
+        const [r] = await readReply(c);
+        assert.equal(r!.h.type, NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS);
+      }
+      assert.equal(dev.maxActive, 4);
+      c.close();
+    } finally {
+      dev.release(Infinity, true);
+      await s.close();
+    }
   });
 });
