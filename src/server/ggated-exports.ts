@@ -172,13 +172,20 @@ export class GgateExportTable {
   async close(): Promise<void> {
     this.#closed = true;
     const closing: Promise<void>[] = [];
+    // A device that fails to close is logged, as in a lease's release; one that never
+    // opened was already reported to the client that asked for it.
+    const close = (path: string, ready: Promise<Export>): Promise<void> =>
+      ready.then(
+        (exp) => exp.device.close().catch((err: unknown) => this.#log?.error({ err, path }, 'closing the device failed')),
+        () => undefined,
+      );
     for (const [path, p] of this.#built) {
       const source = this.#stacks.get(path);
       if (source === undefined || isDeviceSource(source)) continue;
-      closing.push(p.then((exp) => exp.device.close()).catch(() => undefined));
+      closing.push(close(path, p));
     }
-    for (const slot of this.#files.values()) {
-      closing.push(slot.ready.then((exp) => exp.device.close()).catch(() => undefined));
+    for (const [key, slot] of this.#files) {
+      closing.push(close(key.slice(key.indexOf(':') + 1), slot.ready));
     }
     this.#built.clear();
     this.#files.clear();

@@ -22,7 +22,10 @@ import {
 } from '../../src/ggate/index.js';
 import { FilterDevice } from '../../src/device/index.js';
 import { createStack } from '../../src/filters/registry.js';
-import { GgatedServer, type GgateStackSource } from '../../src/server/ggated.js';
+import { GgateExportTable, GgatedServer, type GgateStackSource } from '../../src/server/ggated.js';
+import pino from 'pino';
+import { BlockError } from '../../src/errors/index.js';
+import { MemoryDevice } from '../../src/backends/memory.js';
 import { ByteSocket } from '../helpers/byte-socket.js';
 
 const sockets = new Set<net.Socket>();
@@ -100,5 +103,30 @@ describe('ggated session', () => {
     await server.close(1000);
     servers.delete(server);
     await dev.close();
+  });
+});
+
+describe('ggated export table', () => {
+  test('a device that fails to close at shutdown is logged, not swallowed', async () => {
+    const lines: string[] = [];
+    const logger = pino({ level: 'error' }, { write: (l: string) => void lines.push(l) });
+    class FailingClose extends FilterDevice {
+      override async close(): Promise<void> {
+        await super.close();
+        throw new BlockError('EIO', 'injected close failure');
+      }
+    }
+    const table = new GgateExportTable({
+      logger,
+      openFile: async () => new FailingClose(new MemoryDevice({ size: 1024 * 1024 })),
+    });
+    // A lease still held at shutdown: the table closes its device itself.
+    await table.acquire('/some/file', 'rw');
+    await table.close();
+    const entries = lines.map((l) => JSON.parse(l) as { msg: string; path?: string; err?: { message: string } });
+    assert.equal(entries.length, 1, 'one error logged');
+    assert.equal(entries[0]!.msg, 'closing the device failed');
+    assert.equal(entries[0]!.path, '/some/file');
+    assert.match(entries[0]!.err?.message ?? '', /injected close failure/);
   });
 });
