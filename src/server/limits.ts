@@ -1,3 +1,5 @@
+import { BlockError } from '../errors/index.js';
+
 /**
  * Limits of the NBD server. Every bound on what a peer can make the server hold or do
  * is here, with its value and the reason for it. Sessions take a `ServerLimits` object
@@ -44,3 +46,30 @@ export const DEFAULT_LIMITS: ServerLimits = Object.freeze({
   // Below this, the extents query costs more than the zeroes it saves.
   sparseReadMinimum: 64 * 1024,
 });
+
+/**
+ * The largest maxPayload a server may be given: 2^32 - 9. A compact structured READ
+ * reply carries the data length plus an 8-byte offset in a u32, and NBD_INFO_BLOCK_SIZE
+ * advertises the maximum as a u32.
+ */
+export const MAX_PAYLOAD_LIMIT = 2 ** 32 - 9;
+
+/**
+ * Checks limits given to a server (library callers can set any); throws BlockError
+ * EINVAL naming the bad key, so a bad setting fails at construction rather than as an
+ * exception in a socket handler later.
+ */
+export function validateLimits(limits: ServerLimits): ServerLimits {
+  for (const [key, value] of Object.entries(limits) as [keyof ServerLimits, number][]) {
+    if (!Number.isSafeInteger(value) || value < 0) {
+      throw new BlockError('EINVAL', `limits.${key}: expected a non-negative integer, got ${String(value)}`);
+    }
+  }
+  for (const key of ['maxOptions', 'maxInFlightRequests', 'maxInFlightBytes', 'maxExtents', 'handshakeTimeoutMs'] as const) {
+    if (limits[key] < 1) throw new BlockError('EINVAL', `limits.${key}: must be at least 1`);
+  }
+  if (limits.maxPayload < 512 || limits.maxPayload > MAX_PAYLOAD_LIMIT) {
+    throw new BlockError('EINVAL', `limits.maxPayload: must be between 512 and ${MAX_PAYLOAD_LIMIT}, got ${limits.maxPayload}`);
+  }
+  return limits;
+}

@@ -7,7 +7,7 @@ import fs from 'node:fs';
 import pino, { type Logger } from 'pino';
 import { BlockError } from '../errors/index.js';
 import type { Export } from './export.js';
-import { DEFAULT_LIMITS, type ServerLimits } from './limits.js';
+import { DEFAULT_LIMITS, validateLimits, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './nbd-session.js';
 import { BufferPool } from './buffer-pool.js';
 import { closeListeners, drainSessions } from './drain.js';
@@ -39,7 +39,7 @@ export class NbdServer implements SessionHost {
   #drained: (() => void) | null = null;
 
   constructor(opts: NbdServerOptions) {
-    this.limits = { ...DEFAULT_LIMITS, ...opts.limits };
+    this.limits = validateLimits({ ...DEFAULT_LIMITS, ...opts.limits });
     this.logger = opts.logger ?? pino({ level: 'silent' });
     for (const e of opts.exports) {
       if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `duplicate export name '${e.name}'`);
