@@ -190,6 +190,7 @@ export class GgatedServer implements GgateSessionHost {
   readonly #sessions = new Set<GgateSession>();
   #shuttingDown = false;
   #drained: (() => void) | null = null;
+  #closing: Promise<void> | null = null;
 
   constructor(opts: GgatedServerOptions) {
     this.limits = { ...DEFAULT_GGATED_LIMITS, ...opts.limits };
@@ -291,7 +292,12 @@ export class GgatedServer implements GgateSessionHost {
    * and are closed. After `graceMs` the rest is cut. Then the stacks the server built are
    * closed.
    */
-  async close(graceMs = 10_000): Promise<void> {
+  close(graceMs = 10_000): Promise<void> {
+    // One shutdown however many callers ask: a second call waits for the same one.
+    return (this.#closing ??= this.#close(graceMs));
+  }
+
+  async #close(graceMs: number): Promise<void> {
     if (!this.#shuttingDown) {
       this.#shuttingDown = true;
       for (const s of this.#servers) s.close();

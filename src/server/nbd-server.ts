@@ -37,6 +37,7 @@ export class NbdServer implements SessionHost {
   readonly #unixPaths: string[] = [];
   #shuttingDown = false;
   #drained: (() => void) | null = null;
+  #closing: Promise<void> | null = null;
 
   constructor(opts: NbdServerOptions) {
     this.limits = validateLimits({ ...DEFAULT_LIMITS, ...opts.limits });
@@ -140,7 +141,12 @@ export class NbdServer implements SessionHost {
    * transmission finish their in-flight requests (new ones get ESHUTDOWN) and close. After
    * `graceMs` the remaining connections are cut. Exports' devices are not closed here.
    */
-  async close(graceMs = 10_000): Promise<void> {
+  close(graceMs = 10_000): Promise<void> {
+    // One shutdown however many callers ask: a second call waits for the same one.
+    return (this.#closing ??= this.#close(graceMs));
+  }
+
+  async #close(graceMs: number): Promise<void> {
     if (!this.#shuttingDown) {
       this.#shuttingDown = true;
       for (const s of this.#servers) s.close();

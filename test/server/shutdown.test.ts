@@ -87,3 +87,18 @@ test('a connection whose request never finishes is cut after the grace period', 
     await srv.close();
   }
 });
+
+test('close() called twice while a session is open: both calls resolve (one shutdown)', async () => {
+  const srv = await serveExports([new Export({ name: '', device: new MemoryDevice({ size: 1 << 20 }) })]);
+  const c = await connect(srv.socket, 'structured');
+  try {
+    const first = srv.server.close(2000);
+    const second = srv.server.close(2000);
+    const bounded = (p: Promise<void>) =>
+      Promise.race([p.then(() => 'closed'), new Promise<string>((r) => setTimeout(() => r('hung'), 5000).unref())]);
+    assert.deepEqual(await Promise.all([bounded(first), bounded(second)]), ['closed', 'closed']);
+  } finally {
+    c.close();
+    await srv.close();
+  }
+});
