@@ -31,27 +31,38 @@
  *   requests already sent are answered for a few seconds, then it exits and the gate
  *   stays for `rescue` or `destroy`); 1 on anything else.
  */
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import { BlockError, toBlockError } from '../errors/index.js';
 import { formatSize } from '../device/index.js';
-import { GATE, GATE_FLAG } from '../gate/index.js';
-import { GGATE, GGATE_SIZE, type GgateAccess } from '../ggate/index.js';
-import { connectControl, type ControlClient } from '../client/control-client.js';
+import { GATE } from '../gate/index.js';
+import { GGATE, GGATE_SIZE } from '../ggate/index.js';
+import type { ControlClient } from '../client/control-client.js';
 import { connectGgatec, serveGgatec, type GgatecEvent, type GgatecLink, type GgatecTarget } from '../client/ggatec.js';
-import { defaultControlPath } from '../server/control-protocol.js';
-import { formatGateVerbose } from './ggatel.js';
+import {
+  action,
+  addGateAdminCommands,
+  announceGate,
+  connectControlOf,
+  controlOption,
+  createUnitOf,
+  gateFlags,
+  gateOfUnit,
+  integer,
+  modeOption,
+  requeueTaken,
+  serveFlags,
+  serveUntilSignal,
+  stderrSay,
+  unitOf,
+  type Opts,
+  type ServeFlags,
+} from './gate-handler-cli.js';
 
-interface CommonFlags {
-  control?: string;
-}
-interface ConnectFlags extends CommonFlags {
-  verbose: boolean;
+interface ConnectFlags extends ServeFlags {
   nagle: boolean;
-  mode: GgateAccess;
   port: string;
   rcvbuf: string;
   sndbuf: string;
-  unit?: string;
 }
 interface CreateFlags extends ConnectFlags {
   queue: string;
@@ -59,25 +70,7 @@ interface CreateFlags extends ConnectFlags {
   timeout: string;
 }
 
-function integer(name: string, text: string, min: number, max: number): number {
-  if (!/^[0-9]+$/.test(text) || Number(text) < min || Number(text) > max) {
-    throw new BlockError('EINVAL', `invalid ${name} '${text}' (expected an integer from ${min} to ${max})`);
-  }
-  return Number(text);
-}
-
-function unitOf(text: string | undefined): number {
-  if (text === undefined) throw new BlockError('EINVAL', 'a unit is required (-u unit)');
-  return integer('unit', text, 0, 0x7fff_ffff);
-}
-
-function gateFlags(mode: GgateAccess): number {
-  return mode === 'ro' ? GATE_FLAG.READONLY : mode === 'wo' ? GATE_FLAG.WRITEONLY : 0;
-}
-
-function say(text: string): void {
-  process.stderr.write(`ggatec: ${text}\n`);
-}
+const say = stderrSay('ggatec');
 
 /** The target and the checks of the flags every connecting command shares. */
 function targetOf(host: string, path: string, flags: ConnectFlags): GgatecTarget {
@@ -91,16 +84,6 @@ function targetOf(host: string, path: string, flags: ConnectFlags): GgatecTarget
     throw new BlockError('EINVAL', `invalid path '${path}' (1 to ${GGATE_SIZE.PATH_MAX} bytes, no NUL)`);
   }
   return { host, port, path, access: flags.mode, noDelay: !flags.nagle };
-}
-
-async function connect(flags: CommonFlags): Promise<ControlClient> {
-  const path = flags.control ?? defaultControlPath();
-  try {
-    return await connectControl(path);
-  } catch (e) {
-    const b = toBlockError(e);
-    throw new BlockError(b.code, `${b.message} (is \`blockgate serve\` running with this control socket?)`, { cause: e });
-  }
 }
 
 async function connectServer(target: GgatecTarget): Promise<GgatecLink> {
@@ -154,34 +137,21 @@ async function forward(
   flags: ConnectFlags,
 ): Promise<number> {
   const target = link.target;
-  const stop = new AbortController();
-  const onSignal = (sig: NodeJS.Signals): void => stop.abort(sig);
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
-  try {
-    const r = await serveGgatec(client, unit, {
-      target,
-      link,
-      geometry,
-      gateName: name,
-      signal: stop.signal,
-      onEvent: logEvent(name, target, flags.verbose),
-    });
-    if (flags.verbose) say(`${name}: destroyed; ${r.served} requests served, ${r.disconnects} reconnection(s)`);
-    return 0;
-  } catch (e) {
-    if (stop.signal.aborted && e instanceof BlockError && e.code === 'EINTR') {
-      say(
-        `${name}: stopped by ${String(stop.signal.reason)}; the gate remains (blockgate ggatec rescue -u ${unit} ${target.host} ${target.path}, or destroy -u ${unit})`,
-      );
-      return 0;
-    }
-    throw e;
-  } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-    await client.close().catch(() => undefined);
-  }
+  return serveUntilSignal(
+    client,
+    async (signal) => {
+      const r = await serveGgatec(client, unit, {
+        target,
+        link,
+        geometry,
+        gateName: name,
+        signal,
+        onEvent: logEvent(name, target, flags.verbose),
+      });
+      if (flags.verbose) say(`${name}: destroyed; ${r.served} requests served, ${r.disconnects} reconnection(s)`);
+    },
+    (sig) => say(`${name}: stopped by ${sig}; the gate remains (blockgate ggatec rescue -u ${unit} ${target.host} ${target.path}, or destroy -u ${unit})`),
+  );
 }
 
 /** The gate's geometry from the server's and -s (see the module comment). */
@@ -200,12 +170,12 @@ async function create(host: string, path: string, flags: CreateFlags): Promise<n
   const queue = integer('queue_size', flags.queue, 0, GATE.MAX_QUEUE_SIZE);
   const timeout = integer('timeout', flags.timeout, 0, GATE.MAX_TIMEOUT);
   const sector = flags.sectorsize === undefined ? undefined : integer('sectorsize', flags.sectorsize, 1, GATE.MAX_SECTOR_SIZE);
-  const unit = flags.unit === undefined ? GATE.UNIT_AUTO : unitOf(flags.unit);
+  const unit = createUnitOf(flags.unit);
   const link = await connectServer(target);
   let client: ControlClient | undefined;
   try {
     const geometry = gateGeometry(link, sector);
-    client = await connect(flags);
+    client = await connectControlOf(flags);
     const chosen = await client.create({
       unit,
       mediasize: geometry.mediasize,
@@ -215,8 +185,7 @@ async function create(host: string, path: string, flags: CreateFlags): Promise<n
       maxcount: queue,
       info: `${host}:${target.port} ${path}`,
     });
-    const name = `${GATE.PROVIDER_NAME}${chosen}`;
-    if (unit === GATE.UNIT_AUTO) process.stdout.write(`${name}\n`);
+    const name = announceGate(unit, chosen);
     if (flags.verbose) {
       say(`${name}: forwarding to ${host}:${target.port} ${path} (${formatSize(geometry.mediasize)}, sector ${geometry.sectorsize}, token 0x${link.token.toString(16)})`);
     }
@@ -231,11 +200,10 @@ async function create(host: string, path: string, flags: CreateFlags): Promise<n
 async function rescue(host: string, path: string, flags: ConnectFlags): Promise<number> {
   const target = targetOf(host, path, flags);
   const unit = unitOf(flags.unit);
-  const client = await connect(flags);
+  const client = await connectControlOf(flags);
   let link: GgatecLink | undefined;
   try {
-    const gate = (await client.list()).find((g) => g.unit === unit);
-    if (gate === undefined) throw new BlockError('ENXIO', `no gate unit ${unit}`);
+    const gate = await gateOfUnit(client, unit);
     link = await connectServer(target);
     if (link.mediasize < gate.mediasize || gate.sectorsize % link.sectorsize !== 0) {
       throw new BlockError(
@@ -243,8 +211,7 @@ async function rescue(host: string, path: string, flags: ConnectFlags): Promise<
         `${host}:${target.port} ${path} (${link.mediasize} bytes, sector ${link.sectorsize}) cannot serve ${gate.name} (${gate.mediasize} bytes, sector ${gate.sectorsize})`,
       );
     }
-    // Every request the dead handler took goes back to the head of the queue, in order.
-    await client.cancel({ unit, seq: 0 });
+    await requeueTaken(client, unit);
     if (flags.verbose) say(`${gate.name}: rescued, forwarding to ${host}:${target.port} ${path}`);
     return await forward(client, unit, gate.name, link, { mediasize: gate.mediasize, sectorsize: gate.sectorsize }, flags);
   } catch (e) {
@@ -254,53 +221,12 @@ async function rescue(host: string, path: string, flags: ConnectFlags): Promise<
   }
 }
 
-async function destroy(flags: CommonFlags & { force?: boolean; unit?: string }): Promise<number> {
-  const unit = unitOf(flags.unit);
-  const client = await connect(flags);
-  try {
-    await client.destroy({ unit, force: flags.force === true });
-    return 0;
-  } finally {
-    await client.close().catch(() => undefined);
-  }
-}
-
-async function list(flags: CommonFlags & { verbose?: boolean; unit?: string }): Promise<number> {
-  const unit = flags.unit === undefined ? undefined : unitOf(flags.unit);
-  const client = await connect(flags);
-  try {
-    const gates = (await client.list()).filter((g) => unit === undefined || g.unit === unit);
-    for (const g of gates) process.stdout.write(flags.verbose ? `${formatGateVerbose(g)}\n` : `${g.name}\n`);
-    return 0;
-  } finally {
-    await client.close().catch(() => undefined);
-  }
-}
-
-/** Runs a subcommand body: its status becomes the exit code; errors are printed, status 1. */
-function action<A extends unknown[]>(name: string, fn: (...args: A) => Promise<number>): (...args: A) => Promise<void> {
-  return async (...args: A) => {
-    try {
-      process.exitCode = await fn(...args);
-    } catch (e) {
-      const b = toBlockError(e);
-      process.stderr.write(`blockgate ggatec ${name}: ${b.message} (${b.code})\n`);
-      process.exitCode = 1;
-    }
-  };
-}
-
-type Opts = Record<string, string | boolean | undefined>;
-
-const controlOption = (): Option =>
-  new Option('--control <path>', 'control socket of blockgate serve (default: $XDG_RUNTIME_DIR/blockgate/ctl.sock or /tmp/blockgate-<uid>/ctl.sock)');
-
 /** The options create and rescue share, in FreeBSD's order. */
 function connectOptions(cmd: Command): Command {
   return cmd
     .option('-n', 'do not set TCP_NODELAY')
     .option('-v, --verbose', 'log every request to stderr')
-    .addOption(new Option('-o <mode>', 'access: ro, wo or rw').choices(['ro', 'wo', 'rw']).default('rw'))
+    .addOption(modeOption())
     .option('-p <port>', 'ggated TCP port', String(GGATE.G_GATE_PORT))
     .option('-R <rcvbuf>', 'socket receive buffer (accepted; not settable from Node.js)', String(GGATE.G_GATE_RCVBUF))
     .option('-S <sndbuf>', 'socket send buffer (accepted; not settable from Node.js)', String(GGATE.G_GATE_SNDBUF));
@@ -308,14 +234,11 @@ function connectOptions(cmd: Command): Command {
 
 function connectFlags(o: Opts): ConnectFlags {
   return {
-    verbose: o.verbose === true,
+    ...serveFlags(o),
     nagle: o.n === true,
-    mode: o.o as GgateAccess,
     port: o.p as string,
     rcvbuf: o.R as string,
     sndbuf: o.S as string,
-    ...(o.u !== undefined ? { unit: o.u as string } : {}),
-    ...(o.control !== undefined ? { control: o.control as string } : {}),
   };
 }
 
@@ -332,7 +255,7 @@ export function ggatecCommand(): Command {
     .option('-u <unit>', 'unit number (default: the lowest free one)')
     .addOption(controlOption())
     .action(
-      action('create', (host: string, path: string, o: Opts) =>
+      action('ggatec', 'create', (host: string, path: string, o: Opts) =>
         create(host, path, {
           ...connectFlags(o),
           queue: o.q as string,
@@ -346,36 +269,6 @@ export function ggatecCommand(): Command {
     .argument('<path>', 'exported path')
     .requiredOption('-u <unit>', 'unit number')
     .addOption(controlOption())
-    .action(action('rescue', (host: string, path: string, o: Opts) => rescue(host, path, connectFlags(o))));
-  cmd
-    .command('destroy')
-    .description('destroy gate -u UNIT (EBUSY while an NBD client has it open, unless -f)')
-    .option('-f, --force', 'destroy even if open: outstanding requests fail')
-    .requiredOption('-u <unit>', 'unit number')
-    .addOption(controlOption())
-    .action(
-      action('destroy', (o: Opts) =>
-        destroy({
-          force: o.force === true,
-          unit: o.u as string,
-          ...(o.control !== undefined ? { control: o.control as string } : {}),
-        }),
-      ),
-    );
-  cmd
-    .command('list')
-    .description('list gates (-v: details)')
-    .option('-v, --verbose', 'details of each gate')
-    .option('-u <unit>', 'only this unit')
-    .addOption(controlOption())
-    .action(
-      action('list', (o: Opts) =>
-        list({
-          verbose: o.verbose === true,
-          ...(o.u !== undefined ? { unit: o.u as string } : {}),
-          ...(o.control !== undefined ? { control: o.control as string } : {}),
-        }),
-      ),
-    );
-  return cmd;
+    .action(action('ggatec', 'rescue', (host: string, path: string, o: Opts) => rescue(host, path, connectFlags(o))));
+  return addGateAdminCommands(cmd, 'ggatec');
 }
