@@ -11,3 +11,12 @@ export async function rejectsWith(p: Promise<unknown>, code: ErrnoCode, re?: Reg
     return true;
   });
 }
+
+/** Asserts two buffers are equal, naming the first differing byte (not dumping megabytes). */
+export function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
+  assert.equal(actual.length, expected.length, `${what}: length`);
+  if (actual.equals(expected)) return;
+  let i = 0;
+  while (actual[i] === expected[i]) i++;
+  assert.fail(`${what}: first difference at byte ${i}`);
+}

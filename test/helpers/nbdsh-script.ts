@@ -38,3 +38,41 @@ export async function nbdshOut(script: string, uri: string): Promise<Record<stri
   assert.ok(line, `no RESULT line; stdout: ${r.stdout}\nstderr: ${r.stderr}`);
   return JSON.parse(line.slice('RESULT '.length)) as Record<string, unknown>;
 }
+
+/** How many writes streamWritesScript keeps in flight. */
+const STREAM_IN_FLIGHT = 8;
+
+/**
+ * Python for nbdsh: n writes of bs bytes (block i holds eight-digit i repeated; see streamedBytes), up to
+ * STREAM_IN_FLIGHT in flight, each completion checked (aio_command_completed raises on
+ * an error reply); prints each index as it is submitted, then flushes, reads every block
+ * back and prints VERIFIED.
+ */
+export function streamWritesScript(bs: number, n: number): string {
+  return `
+BS = ${bs}
+N = ${n}
+def data(i):
+    return (b'%08d' % i) * (BS // 8)
+pending = []
+for i in range(N):
+    while h.aio_in_flight() >= ${STREAM_IN_FLIGHT}:
+        h.poll(-1)
+        pending = [c for c in pending if not h.aio_command_completed(c)]
+    pending.append(h.aio_pwrite(data(i), i * BS))
+    print(i, flush=True)
+while h.aio_in_flight() > 0:
+    h.poll(-1)
+for c in pending:
+    h.aio_command_completed(c)
+h.flush()
+for i in range(N):
+    assert h.pread(BS, i * BS) == data(i), "block %d differs" % i
+print("VERIFIED", flush=True)
+`;
+}
+
+/** The whole device after streamWritesScript(bs, n): block i is its `data(i)`. */
+export function streamedBytes(bs: number, n: number): Buffer {
+  return Buffer.concat(Array.from({ length: n }, (_, i) => Buffer.from(String(i).padStart(8, '0').repeat(bs / 8))));
+}

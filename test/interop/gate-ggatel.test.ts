@@ -14,124 +14,25 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DEBIAN_PATH, run, runOk } from '../helpers/run.js';
+import { run, runOk } from '../helpers/run.js';
+import { assertSameBytes } from '../helpers/assertions.js';
+import { streamWritesScript, streamedBytes } from '../helpers/nbdsh-script.js';
+import { ChildSet, blockgateOk, blockgateRun, statusJson, untilGates, type Child, type GateJson } from '../helpers/children.js';
 
 const MiB = 1024 * 1024;
-const MAIN = path.resolve(import.meta.dirname, '../../src/cli/main.ts');
-const CLI = ['--import', 'tsx', MAIN];
-/** Bound on any single wait for a child's output or exit. */
-const WAIT_MS = 60_000;
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-gate-'));
 const CTL = path.join(tmp, 'run', 'ctl.sock');
 const NBD = path.join(tmp, 'nbd.sock');
-const children = new Set<ChildProcess>();
+const children = new ChildSet();
 
-interface Child {
-  readonly proc: ChildProcess;
-  stdout(): string;
-  stderr(): string;
-  /** Resolves when stdout matches `re` (rejects after WAIT_MS or if the child exits first). */
-  waitFor(re: RegExp): Promise<RegExpMatchArray>;
-  /** Resolves with the exit code (or the signal name), bounded by WAIT_MS. */
-  exited(): Promise<number | string>;
-}
-
-function start(cmd: string, args: string[]): Child {
-  const proc = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, PATH: DEBIAN_PATH } });
-  children.add(proc);
-  let out = '';
-  let err = '';
-  const listeners = new Set<() => void>();
-  proc.stdout!.on('data', (b: Buffer) => {
-    out += b.toString();
-    for (const l of listeners) l();
-  });
-  proc.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-  proc.stdin!.on('error', () => undefined);
-  const exit = new Promise<number | string>((resolve) =>
-    proc.on('exit', (code, signal) => {
-      children.delete(proc);
-      for (const l of listeners) l();
-      resolve(code ?? signal ?? 'unknown');
-    }),
-  );
-  let done = false;
-  void exit.then(() => (done = true));
-  return {
-    proc,
-    stdout: () => out,
-    stderr: () => err,
-    waitFor(re) {
-      return new Promise((resolve, reject) => {
-        const check = (): void => {
-          const m = re.exec(out);
-          if (m) {
-            cleanup();
-            resolve(m);
-          } else if (done || proc.exitCode !== null || proc.signalCode !== null) {
-            cleanup();
-            reject(new Error(`${path.basename(cmd)} exited before printing ${re}; stdout: ${out}; stderr: ${err}`));
-          }
-        };
-        const timer = setTimeout(() => {
-          cleanup();
-          reject(new Error(`timed out waiting for ${re}; stdout: ${out}; stderr: ${err}`));
-        }, WAIT_MS);
-        const cleanup = (): void => {
-          clearTimeout(timer);
-          listeners.delete(check);
-        };
-        listeners.add(check);
-        check();
-      });
-    },
-    exited() {
-      return Promise.race([
-        exit,
-        new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`still running; stderr: ${err}`)), WAIT_MS).unref()),
-      ]);
-    },
-  };
-}
-
-const blockgate = (args: string[]): Child => start(process.execPath, [...CLI, ...args]);
-const blockgateRun = (args: string[]) => run(process.execPath, [...CLI, ...args], { timeoutMs: WAIT_MS });
 const uri = (name: string): string => `nbd+unix:///${name}?socket=${NBD}`;
 
-interface GateInfoJson {
-  unit: number;
-  name: string;
-  queued: number;
-  inFlight: number;
-  openCount: number;
-  sleeping: number;
-  info: string;
-}
-
-async function gates(): Promise<GateInfoJson[]> {
-  const r = await blockgateRun(['status', '--json', '--control', CTL]);
-  assert.equal(r.code, 0, r.stderr);
-  return (JSON.parse(r.stdout) as { gates: GateInfoJson[] }).gates;
-}
-
-/** Polls `blockgate status` until `cond` holds for the gate list (bounded by a count, not by time). */
-async function untilGates(cond: (g: GateInfoJson[]) => boolean, what: string): Promise<GateInfoJson[]> {
-  for (let i = 0; i < 100; i++) {
-    const g = await gates();
-    if (cond(g)) return g;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`gates never reached: ${what}`);
-}
-
-/** The block nbdsh writes at index i (the same formula as in the Python script below). */
-function block(i: number, size: number): Buffer {
-  return Buffer.from(String(i).padStart(8, '0').repeat(size / 8));
+async function gates(): Promise<GateJson[]> {
+  return (await statusJson(CTL)).gates;
 }
 
 function seeded(seed: number, n: number): Buffer {
@@ -144,23 +45,15 @@ function seeded(seed: number, n: number): Buffer {
   return b;
 }
 
-function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
-  assert.equal(actual.length, expected.length, `${what}: length`);
-  if (actual.equals(expected)) return;
-  let i = 0;
-  while (actual[i] === expected[i]) i++;
-  assert.fail(`${what}: first difference at byte ${i}`);
-}
-
 let server: Child;
 
 before(async () => {
-  server = blockgate(['serve', '--print-uri', '--control', CTL, '-U', NBD, 'memory:1M']);
+  server = children.blockgate(['serve', '--print-uri', '--control', CTL, '-U', NBD, 'memory:1M']);
   await server.waitFor(/nbd\+unix/);
 });
 
 after(() => {
-  for (const c of children) c.kill('SIGKILL');
+  children.killAll();
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
@@ -169,7 +62,7 @@ describe('gates served by blockgate ggatel, used by real NBD clients', () => {
     const disk = path.join(tmp, 'disk0.img');
     const original = seeded(1, 8 * MiB);
     fs.writeFileSync(disk, original);
-    const handler = blockgate(['ggatel', 'create', '--control', CTL, disk]);
+    const handler = children.blockgate(['ggatel', 'create', '--control', CTL, disk]);
     const [name] = await handler.waitFor(/ggate\d+/);
     assert.equal(name, 'ggate0');
     assert.equal(fs.statSync(CTL).mode & 0o777, 0o600, 'the control socket is owner-only');
@@ -230,59 +123,36 @@ describe('gates served by blockgate ggatel, used by real NBD clients', () => {
     const N = 256;
     const disk = path.join(tmp, 'disk1.img');
     fs.writeFileSync(disk, Buffer.alloc(N * BS));
-    const handler = blockgate(['ggatel', 'create', '--control', CTL, disk]);
+    const handler = children.blockgate(['ggatel', 'create', '--control', CTL, disk]);
     const [name] = await handler.waitFor(/ggate\d+/);
 
-    // Up to 8 writes in flight; each completion is checked (aio_command_completed raises
-    // on an error reply); progress is printed as writes are submitted.
-    const script = `
-import sys
-BS = ${BS}
-N = ${N}
-def data(i):
-    return (b'%08d' % i) * (BS // 8)
-pending = []
-for i in range(N):
-    while h.aio_in_flight() >= 8:
-        h.poll(-1)
-        pending = [c for c in pending if not h.aio_command_completed(c)]
-    pending.append(h.aio_pwrite(data(i), i * BS))
-    print(i, flush=True)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-for c in pending:
-    h.aio_command_completed(c)
-h.flush()
-for i in range(N):
-    assert h.pread(BS, i * BS) == data(i), "block %d differs" % i
-print("VERIFIED", flush=True)
-`;
-    const client = start('nbdsh', ['-u', uri(name!), '-c', script]);
+    // Up to 8 writes in flight, each completion checked; progress is printed as writes are submitted.
+    const script = streamWritesScript(BS, N);
+    const client = children.start('nbdsh', ['-u', uri(name!), '-c', script]);
     await client.waitFor(/^40$/m);
     handler.proc.kill('SIGKILL');
     assert.equal(await handler.exited(), 'SIGKILL');
     // With no handler, the writes pile up in the gate: 8 in flight or queued, none failed.
-    const mine = (g: GateInfoJson[]): GateInfoJson | undefined => g.find((x) => x.name === name);
-    const gate = mine(await untilGates((g) => mine(g)!.queued + mine(g)!.inFlight === 8, 'eight writes waiting'))!;
+    const mine = (g: GateJson[]): GateJson | undefined => g.find((x) => x.name === name);
+    const gate = mine(await untilGates(CTL, (g) => mine(g)!.queued + mine(g)!.inFlight === 8, 'eight writes waiting'))!;
     assert.equal(gate.sleeping, 0, 'the dead handler’s STARTs were withdrawn');
     assert.doesNotMatch(client.stdout(), /VERIFIED/);
 
-    const rescuer = blockgate(['ggatel', 'rescue', '-u', String(gate.unit), '--control', CTL, disk]);
+    const rescuer = children.blockgate(['ggatel', 'rescue', '-u', String(gate.unit), '--control', CTL, disk]);
     await client.waitFor(/VERIFIED/);
     assert.equal(await client.exited(), 0, client.stderr());
-    const expected = Buffer.concat(Array.from({ length: N }, (_, i) => block(i, BS)));
-    assertSameBytes(fs.readFileSync(disk), expected, 'the file behind the rescued gate');
+    assertSameBytes(fs.readFileSync(disk), streamedBytes(BS, N), 'the file behind the rescued gate');
 
-    await runOk(process.execPath, [...CLI, 'ggatel', 'destroy', '-u', String(gate.unit), '--control', CTL]);
+    await blockgateOk(['ggatel', 'destroy', '-u', String(gate.unit), '--control', CTL]);
     assert.equal(await rescuer.exited(), 0);
   });
 
   test('destroy while a client is attached: EBUSY; forced: pending and later requests fail EIO', async () => {
     const disk = path.join(tmp, 'disk2.img');
     fs.writeFileSync(disk, Buffer.alloc(MiB, 0x11));
-    const handler = blockgate(['ggatel', 'create', '-u', '3', '--control', CTL, disk]);
+    const handler = children.blockgate(['ggatel', 'create', '-u', '3', '--control', CTL, disk]);
     // With -u the name is not printed (as FreeBSD); wait for the gate instead.
-    await untilGates((g) => g.some((x) => x.name === 'ggate3' && x.sleeping > 0), 'ggate3 served');
+    await untilGates(CTL, (g) => g.some((x) => x.name === 'ggate3' && x.sleeping > 0), 'ggate3 served');
     assert.equal(handler.stdout(), '');
 
     const script = `
@@ -309,7 +179,7 @@ for name, f in (("read", lambda: h.pread(512, 0)), ("write", lambda: h.pwrite(by
         print(name, "errno", e.errno)
 print("done", flush=True)
 `;
-    const client = start('nbdsh', ['-u', uri('ggate3'), '-c', script]);
+    const client = children.start('nbdsh', ['-u', uri('ggate3'), '-c', script]);
     await client.waitFor(/connected/);
     const busy = await blockgateRun(['ggatel', 'destroy', '-u', '3', '--control', CTL]);
     assert.equal(busy.code, 1);
@@ -321,7 +191,7 @@ print("done", flush=True)
     await handler.exited();
     client.proc.stdin!.write('\n');
     await client.waitFor(/queued/);
-    await untilGates((g) => g.find((x) => x.unit === 3)?.queued === 1, 'read queued');
+    await untilGates(CTL, (g) => g.find((x) => x.unit === 3)?.queued === 1, 'read queued');
     const forced = await blockgateRun(['ggatel', 'destroy', '-f', '-u', '3', '--control', CTL]);
     assert.equal(forced.code, 0, forced.stderr);
     client.proc.stdin!.write('\n');
@@ -338,15 +208,15 @@ print("done", flush=True)
   test('status --json: exports with their errseq state and sessions, gates with their queues', async () => {
     const disk = path.join(tmp, 'disk3.img');
     fs.writeFileSync(disk, Buffer.alloc(MiB));
-    const handler = blockgate(['ggatel', 'create', '--control', CTL, disk]);
+    const handler = children.blockgate(['ggatel', 'create', '--control', CTL, disk]);
     const [name] = await handler.waitFor(/ggate\d+/);
-    const client = start('nbdsh', ['-u', uri(name!), '-c', 'import sys\nprint("attached", flush=True)\nsys.stdin.readline()']);
+    const client = children.start('nbdsh', ['-u', uri(name!), '-c', 'import sys\nprint("attached", flush=True)\nsys.stdin.readline()']);
     await client.waitFor(/attached/);
     const r = await blockgateRun(['status', '--json', '--control', CTL]);
     assert.equal(r.code, 0, r.stderr);
     const st = JSON.parse(r.stdout) as {
       exports: { name: string; gate?: number; errseq: { error: number; seen: boolean; counter: number }; sessions: { errorPending: boolean }[] }[];
-      gates: GateInfoJson[];
+      gates: GateJson[];
     };
     const exp = st.exports.find((e) => e.name === name)!;
     assert.ok(exp, 'the gate is listed among the exports');
@@ -358,7 +228,7 @@ print("done", flush=True)
     assert.ok(st.exports.some((e) => e.name === '' && e.gate === undefined), 'the memory export is there too');
     client.proc.stdin!.end('\n');
     assert.equal(await client.exited(), 0);
-    await runOk(process.execPath, [...CLI, 'ggatel', 'destroy', '-u', String(g.unit), '--control', CTL]);
+    await blockgateOk(['ggatel', 'destroy', '-u', String(g.unit), '--control', CTL]);
     assert.equal(await handler.exited(), 0);
   });
 
@@ -381,7 +251,7 @@ print("done", flush=True)
 
   test('a control socket left by a killed server is taken over by the next one; a live one is not', async () => {
     const ctl = path.join(tmp, 'second', 'ctl.sock');
-    const first = blockgate(['serve', '--print-uri', '--control', ctl, '-U', path.join(tmp, 'nbd2.sock'), 'memory:1M']);
+    const first = children.blockgate(['serve', '--print-uri', '--control', ctl, '-U', path.join(tmp, 'nbd2.sock'), 'memory:1M']);
     await first.waitFor(/nbd\+unix/);
     const clash = await blockgateRun(['serve', '--control', ctl, '-U', path.join(tmp, 'nbd3.sock'), 'memory:1M']);
     assert.equal(clash.code, 1);
@@ -389,7 +259,7 @@ print("done", flush=True)
     first.proc.kill('SIGKILL');
     await first.exited();
     assert.ok(fs.statSync(ctl).isSocket(), 'the killed server left its socket');
-    const next = blockgate(['serve', '--print-uri', '--control', ctl, '-U', path.join(tmp, 'nbd4.sock'), 'memory:1M']);
+    const next = children.blockgate(['serve', '--print-uri', '--control', ctl, '-U', path.join(tmp, 'nbd4.sock'), 'memory:1M']);
     await next.waitFor(/nbd\+unix/);
     const st = await blockgateRun(['status', '--control', ctl]);
     assert.equal(st.code, 0, st.stderr);

@@ -18,151 +18,31 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DEBIAN_PATH, run, runOk } from '../helpers/run.js';
+import { runOk } from '../helpers/run.js';
 import { seededBytes } from '../helpers/data.js';
+import { assertSameBytes } from '../helpers/assertions.js';
+import { streamWritesScript, streamedBytes } from '../helpers/nbdsh-script.js';
+import { CHILD_WAIT_MS, ChildSet, blockgateOk, blockgateRun, statusJson, untilGates, type Child } from '../helpers/children.js';
 
 const MiB = 1024 * 1024;
-const MAIN = path.resolve(import.meta.dirname, '../../src/cli/main.ts');
-const CLI = ['--import', 'tsx', MAIN];
-/** Bound on any single wait for a child's output or exit. */
-const WAIT_MS = 60_000;
 /** Bound of a whole test. */
 const TEST = { timeout: 300_000 };
 
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-interop-ggatec-'));
 const CTL = path.join(tmp, 'run', 'ctl.sock');
 const NBD = path.join(tmp, 'nbd.sock');
-const children = new Set<ChildProcess>();
+const children = new ChildSet();
 
-interface Child {
-  readonly proc: ChildProcess;
-  stdout(): string;
-  stderr(): string;
-  /** Resolves when the stream matches `re` (rejects after WAIT_MS or if the child exits first). */
-  waitFor(re: RegExp, stream?: 'stdout' | 'stderr'): Promise<RegExpMatchArray>;
-  /** Resolves with the exit code (or the signal name), bounded by WAIT_MS. */
-  exited(): Promise<number | string>;
-}
-
-function start(cmd: string, args: string[]): Child {
-  const proc = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, PATH: DEBIAN_PATH } });
-  children.add(proc);
-  const text = { stdout: '', stderr: '' };
-  const listeners = new Set<() => void>();
-  const notify = (): void => {
-    for (const l of [...listeners]) l();
-  };
-  proc.stdout!.on('data', (b: Buffer) => {
-    text.stdout += b.toString();
-    notify();
-  });
-  proc.stderr!.on('data', (b: Buffer) => {
-    text.stderr += b.toString();
-    notify();
-  });
-  proc.stdin!.on('error', () => undefined);
-  let done = false;
-  const exit = new Promise<number | string>((resolve) =>
-    proc.on('exit', (code, signal) => {
-      children.delete(proc);
-      done = true;
-      notify();
-      resolve(code ?? signal ?? 'unknown');
-    }),
-  );
-  return {
-    proc,
-    stdout: () => text.stdout,
-    stderr: () => text.stderr,
-    waitFor(re, stream = 'stdout') {
-      return new Promise((resolve, reject) => {
-        const check = (): void => {
-          const m = re.exec(text[stream]);
-          if (m) {
-            cleanup();
-            resolve(m);
-          } else if (done) {
-            cleanup();
-            reject(new Error(`${path.basename(cmd)} exited before printing ${re}; stdout: ${text.stdout}; stderr: ${text.stderr}`));
-          }
-        };
-        const timer = setTimeout(() => {
-          cleanup();
-          reject(new Error(`timed out waiting for ${re}; stdout: ${text.stdout}; stderr: ${text.stderr}`));
-        }, WAIT_MS);
-        const cleanup = (): void => {
-          clearTimeout(timer);
-          listeners.delete(check);
-        };
-        listeners.add(check);
-        check();
-      });
-    },
-    exited() {
-      return Promise.race([
-        exit,
-        new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`still running; stderr: ${text.stderr}`)), WAIT_MS).unref()),
-      ]);
-    },
-  };
-}
-
-const blockgate = (args: string[]): Child => start(process.execPath, [...CLI, ...args]);
-const blockgateRun = (args: string[]) => run(process.execPath, [...CLI, ...args], { timeoutMs: WAIT_MS });
 const uri = (name: string): string => `nbd+unix:///${name}?socket=${NBD}`;
 
 /** A `blockgate ggated` child; resolves once it listens, with the port it got. */
 async function ggated(exportsFile: string, configFile: string, port = 0): Promise<{ child: Child; port: number }> {
-  const child = blockgate(['ggated', '-a', '127.0.0.1', '-p', String(port), '-c', configFile, exportsFile]);
+  const child = children.blockgate(['ggated', '-a', '127.0.0.1', '-p', String(port), '-c', configFile, exportsFile]);
   const [, p] = await child.waitFor(/listening on port (\d+)/, 'stderr');
   return { child, port: Number(p) };
-}
-
-interface ExportJson {
-  name: string;
-  errseq: { error: number; seen: boolean; counter: number; value: number };
-  sessions: { errorPending: boolean }[];
-}
-interface GateJson {
-  unit: number;
-  name: string;
-  info: string;
-  queued: number;
-  inFlight: number;
-  sleeping: number;
-}
-
-async function status(): Promise<{ exports: ExportJson[]; gates: GateJson[] }> {
-  const r = await blockgateRun(['status', '--json', '--control', CTL]);
-  assert.equal(r.code, 0, r.stderr);
-  return JSON.parse(r.stdout) as { exports: ExportJson[]; gates: GateJson[] };
-}
-
-/** Polls `blockgate status` until `cond` holds (bounded by a count). */
-async function untilGates(cond: (g: GateJson[]) => boolean, what: string): Promise<GateJson[]> {
-  for (let i = 0; i < 100; i++) {
-    const g = (await status()).gates;
-    if (cond(g)) return g;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`gates never reached: ${what}`);
-}
-
-function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
-  assert.equal(actual.length, expected.length, `${what}: length`);
-  if (actual.equals(expected)) return;
-  let i = 0;
-  while (actual[i] === expected[i]) i++;
-  assert.fail(`${what}: first difference at byte ${i}`);
-}
-
-/** The block nbdsh writes at index i in the streaming script. */
-function block(i: number, size: number): Buffer {
-  return Buffer.from(String(i).padStart(8, '0').repeat(size / 8));
 }
 
 const DISK = path.join(tmp, 'disk0.img');
@@ -186,31 +66,31 @@ before(async () => {
       [FLAKY_PATH]: { backend: { type: 'file', path: FLAKY }, filters: [{ type: 'error', ops: ['flush'], error: 'EIO', file: TRIGGER }] },
     }),
   );
-  server = blockgate(['serve', '--print-uri', '--control', CTL, '-U', NBD, 'memory:1M']);
+  server = children.blockgate(['serve', '--print-uri', '--control', CTL, '-U', NBD, 'memory:1M']);
   gg = await ggated(EXPORTS, CONFIG);
   await server.waitFor(/nbd\+unix/);
 });
 
 after(() => {
-  for (const c of children) c.kill('SIGKILL');
+  children.killAll();
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
 describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real NBD clients', () => {
   test('create prints ggate0; qemu-img convert in and out through the chain verifies; trim is EOPNOTSUPP; destroy ends ggatec with 0', TEST, async () => {
-    const handler = blockgate(['ggatec', 'create', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
+    const handler = children.blockgate(['ggatec', 'create', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
     const [name] = await handler.waitFor(/ggate\d+/);
     assert.equal(name, 'ggate0');
-    const [gate] = (await status()).gates;
+    const [gate] = (await statusJson(CTL)).gates;
     assert.equal(gate?.info, `127.0.0.1:${gg.port} ${DISK}`);
 
     const src = path.join(tmp, 'src0.img');
     const original = seededBytes(11, SIZE);
     fs.writeFileSync(src, original);
-    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri('ggate0')], { timeoutMs: WAIT_MS });
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, uri('ggate0')], { timeoutMs: CHILD_WAIT_MS });
     assertSameBytes(fs.readFileSync(DISK), original, 'the file behind ggated after qemu-img convert');
     const out = path.join(tmp, 'out0.img');
-    await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri('ggate0'), out], { timeoutMs: WAIT_MS });
+    await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', uri('ggate0'), out], { timeoutMs: CHILD_WAIT_MS });
     await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, out]);
     assertSameBytes(fs.readFileSync(out), original, 'qemu-img convert out of ggate0');
 
@@ -239,12 +119,12 @@ describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real 
     const d = await blockgateRun(['ggatec', 'destroy', '-u', '0', '--control', CTL]);
     assert.equal(d.code, 0, d.stderr);
     assert.equal(await handler.exited(), 0, 'ggatec exits 0 on ECANCELED');
-    assert.deepEqual((await status()).gates, []);
+    assert.deepEqual((await statusJson(CTL)).gates, []);
   });
 
   test('flushes go through the chain: success, then EIO while ggated’s error filter fails flushes', TEST, async () => {
-    const handler = blockgate(['ggatec', 'create', '-u', '1', '-p', String(gg.port), '--control', CTL, '127.0.0.1', FLAKY_PATH]);
-    await untilGates((g) => g.some((x) => x.name === 'ggate1' && x.sleeping > 0), 'ggate1 served');
+    const handler = children.blockgate(['ggatec', 'create', '-u', '1', '-p', String(gg.port), '--control', CTL, '127.0.0.1', FLAKY_PATH]);
+    await untilGates(CTL, (g) => g.some((x) => x.name === 'ggate1' && x.sleeping > 0), 'ggate1 served');
     assert.equal(handler.stdout(), '', 'no name printed with -u, as in FreeBSD');
     const flush = (): Promise<{ stdout: string }> =>
       runOk('nbdsh', ['-u', uri('ggate1'), '-c', 'h.pwrite(b"\\x01" * 4096, 0)\ntry:\n    h.flush()\n    print("flush ok")\nexcept nbd.Error as e:\n    print("flush errno", e.errno)']);
@@ -257,7 +137,7 @@ describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real 
     }
     assert.match((await flush()).stdout, /flush ok/);
     assert.doesNotMatch(handler.stderr(), /lost connection/, 'a device error is not a transport event');
-    await runOk(process.execPath, [...CLI, 'ggatec', 'destroy', '-u', '1', '--control', CTL]);
+    await blockgateOk(['ggatec', 'destroy', '-u', '1', '--control', CTL]);
     assert.equal(await handler.exited(), 0);
   });
 
@@ -270,32 +150,12 @@ describe('gates forwarded by blockgate ggatec to blockgate ggated, used by real 
     fs.writeFileSync(exportsFile, `127.0.0.1 RW ${disk}\n`);
     let own = await ggated(exportsFile, CONFIG);
     const port = own.port;
-    const handler = blockgate(['ggatec', 'create', '-v', '-p', String(port), '--control', CTL, '127.0.0.1', disk]);
+    const handler = children.blockgate(['ggatec', 'create', '-v', '-p', String(port), '--control', CTL, '127.0.0.1', disk]);
     const [name] = await handler.waitFor(/ggate\d+/);
     const [, firstToken] = await handler.waitFor(/forwarding to .* token (0x[0-9a-f]+)\)/, 'stderr');
 
-    const script = `
-BS = ${BS}
-N = ${N}
-def data(i):
-    return (b'%08d' % i) * (BS // 8)
-pending = []
-for i in range(N):
-    while h.aio_in_flight() >= 8:
-        h.poll(-1)
-        pending = [c for c in pending if not h.aio_command_completed(c)]
-    pending.append(h.aio_pwrite(data(i), i * BS))
-    print(i, flush=True)
-while h.aio_in_flight() > 0:
-    h.poll(-1)
-for c in pending:
-    h.aio_command_completed(c)
-h.flush()
-for i in range(N):
-    assert h.pread(BS, i * BS) == data(i), "block %d differs" % i
-print("VERIFIED", flush=True)
-`;
-    const client = start('nbdsh', ['-u', uri(name!), '-c', script]);
+    const script = streamWritesScript(BS, N);
+    const client = children.start('nbdsh', ['-u', uri(name!), '-c', script]);
     await client.waitFor(/^40$/m);
     own.child.proc.kill('SIGKILL');
     assert.equal(await own.child.exited(), 'SIGKILL');
@@ -309,35 +169,34 @@ print("VERIFIED", flush=True)
     const [, secondToken] = /reconnected to .* \(token (0x[0-9a-f]+)\)/.exec(handler.stderr()) ?? [];
     assert.ok(secondToken, handler.stderr());
     assert.notEqual(secondToken, firstToken, 'a fresh token after the restart');
-    const expected = Buffer.concat(Array.from({ length: N }, (_, i) => block(i, BS)));
-    assertSameBytes(fs.readFileSync(disk), expected, 'the file behind the restarted ggated');
+    assertSameBytes(fs.readFileSync(disk), streamedBytes(BS, N), 'the file behind the restarted ggated');
 
-    const st = await status();
+    const st = await statusJson(CTL);
     const exp = st.exports.find((e) => e.name === name);
     assert.ok(exp, 'the gate is an export');
     assert.deepEqual(exp.errseq, { error: 0, seen: false, counter: 0, value: 0 }, 'nothing recorded in the export’s ErrSeq');
     const unit = st.gates.find((g) => g.name === name)!.unit;
-    await runOk(process.execPath, [...CLI, 'ggatec', 'destroy', '-u', String(unit), '--control', CTL]);
+    await blockgateOk(['ggatec', 'destroy', '-u', String(unit), '--control', CTL]);
     assert.equal(await handler.exited(), 0);
     own.child.proc.kill('SIGTERM');
     assert.equal(await own.child.exited(), 0);
   });
 
   test('SIGTERM stops ggatec and leaves the gate; ggatec rescue serves it again', TEST, async () => {
-    const handler = blockgate(['ggatec', 'create', '-u', '4', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
-    await untilGates((g) => g.some((x) => x.name === 'ggate4' && x.sleeping > 0), 'ggate4 served');
+    const handler = children.blockgate(['ggatec', 'create', '-u', '4', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
+    await untilGates(CTL, (g) => g.some((x) => x.name === 'ggate4' && x.sleeping > 0), 'ggate4 served');
     handler.proc.kill('SIGTERM');
     assert.equal(await handler.exited(), 0);
     assert.match(handler.stderr(), /the gate remains/);
     const list = await blockgateRun(['ggatec', 'list', '-v', '-u', '4', '--control', CTL]);
     assert.match(list.stdout, /Geom name: ggate4/);
 
-    const rescuer = blockgate(['ggatec', 'rescue', '-u', '4', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
-    await untilGates((g) => g.some((x) => x.name === 'ggate4' && x.sleeping > 0), 'ggate4 served again');
+    const rescuer = children.blockgate(['ggatec', 'rescue', '-u', '4', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
+    await untilGates(CTL, (g) => g.some((x) => x.name === 'ggate4' && x.sleeping > 0), 'ggate4 served again');
     const r = await runOk('nbdsh', ['-u', uri('ggate4'), '-c', 'h.pwrite(b"\\x42" * 4096, 8192)\nh.flush()\nassert h.pread(4096, 8192) == b"\\x42" * 4096\nprint("ok")']);
     assert.match(r.stdout, /ok/);
     assertSameBytes(fs.readFileSync(DISK).subarray(8192, 12288), Buffer.alloc(4096, 0x42), 'the write at ggated');
-    await runOk(process.execPath, [...CLI, 'ggatec', 'destroy', '-u', '4', '--control', CTL]);
+    await blockgateOk(['ggatec', 'destroy', '-u', '4', '--control', CTL]);
     assert.equal(await rescuer.exited(), 0);
   });
 
@@ -354,6 +213,6 @@ print("VERIFIED", flush=True)
     const rescue = await blockgateRun(['ggatec', 'rescue', '-u', '42', '-p', String(gg.port), '--control', CTL, '127.0.0.1', DISK]);
     assert.equal(rescue.code, 1);
     assert.match(rescue.stderr, /no gate unit 42 \(ENXIO\)/);
-    assert.deepEqual((await status()).gates, []);
+    assert.deepEqual((await statusJson(CTL)).gates, []);
   });
 });
