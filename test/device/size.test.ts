@@ -56,7 +56,7 @@ describe('formatSize', () => {
   test('parseSize reads back what formatSize writes (property)', () => {
     fc.assert(
       fc.property(
-        fc.oneof(fc.nat({ max: MAX_DEVICE_SIZE }), fc.nat({ max: 2 ** 23 }).map((k) => k * 2 ** 30)),
+        fc.oneof(fc.nat({ max: MAX_DEVICE_SIZE }), fc.nat({ max: 2 ** 23 - 1 }).map((k) => k * 2 ** 30)),
         (n) => assert.equal(parseSize(formatSize(n)), n),
       ),
     );
