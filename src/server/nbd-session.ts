@@ -605,14 +605,14 @@ export class NbdSession implements ExportSession {
         : `${commandName(h.type)} does not take a payload`;
     // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads and oversized payload-less requests.
     const code = 'EINVAL';
-    this.#begin(h, 0);
+    this.#begin(0);
     this.#finish({ h, cost: 0, owner: null }, new WireError(new BlockError(code, msg)));
   }
 
   // -------------------------------------------------------------------------------
   // Transmission: requests
 
-  #begin(_h: RequestHeader, cost: number): void {
+  #begin(cost: number): void {
     this.#inFlight++;
     this.#inFlightBytes += cost;
     const l = this.#host.limits;
@@ -636,7 +636,7 @@ export class NbdSession implements ExportSession {
       : h.type === NBD_CMD.NBD_CMD_BLOCK_STATUS ? this.#statusCost(h)
       : 0;
     const req: Request = { h, cost, owner };
-    this.#begin(h, cost);
+    this.#begin(cost);
     const invalid = this.#validate(h, payload);
     if (invalid) return this.#finish(req, new WireError(invalid));
     this.#run(req, payload).then(
