@@ -15,6 +15,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { V8_FLAGS } from '../src/cli/v8-flags.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -186,7 +187,9 @@ async function startServer(kind: ServerKind, size: number, file: string): Promis
     case 'blockgate-memory':
     case 'blockgate-file':
       cmd = process.execPath;
+      // As the `blockgate` command starts (its shebang carries V8_FLAGS).
       args = [
+        ...V8_FLAGS,
         path.join(ROOT, 'dist/src/cli/main.js'),
         'serve',
         '-p',

@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=128
 /**
  * The `blockgate` command. Each subcommand lives in its own module under src/cli and is
  * registered here.

@@ -17,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
 import { shutdownSignal, stderrLogger } from './daemon.js';
+import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../filters/registry.js';
 import { Export, NbdServer, type ListenAddress } from '../server/index.js';
 import { startControlServer } from '../server/control-server.js';
@@ -145,6 +146,10 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   const bound: ListenAddress[] = [];
   for (const a of listen) bound.push(await server.listen(a));
   for (const a of bound) log.info({ uri: nbdUri(a, defaultName), exports: exports.map((e) => e.name) }, 'listening');
+  const missing = missingV8Flags();
+  if (missing.length > 0) {
+    log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
+  }
   if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!, defaultName)}\n`);
 
   const stop = async (): Promise<void> => {
