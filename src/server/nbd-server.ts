@@ -103,7 +103,8 @@ export class NbdServer implements SessionHost {
 
   /** Starts listening; resolves with the bound address (port chosen by the OS if 0). */
   async listen(addr: ListenAddress): Promise<ListenAddress> {
-    const server = net.createServer({ noDelay: true }, (socket) => this.#accept(socket));
+    // Paused, so that a session can switch the socket to lent receive buffers before the first read.
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket));
     server.on('error', (err) => this.logger.error({ err }, 'listener error'));
     if ('path' in addr) {
       // A stale socket file from a killed server would make listen fail with EADDRINUSE.

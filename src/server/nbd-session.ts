@@ -60,6 +60,7 @@ import {
 import type { Export, ExportSession } from './export.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from './buffer-pool.js';
+import { lendReadBuffers } from './lent-buffers.js';
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -89,6 +90,20 @@ const BASE_ALLOCATION_ID = 1;
  * each building maxExtents descriptors at once.
  */
 const STATUS_DESCRIPTOR_BYTES = 16;
+
+/**
+ * Size of the receive buffers a session lends its socket (see lent-buffers.ts): one read
+ * takes up to this much, so a 256 KiB write arrives in one or two reads instead of five.
+ */
+export const RECEIVE_BUFFER_SIZE = 256 * 1024;
+
+/**
+ * WRITE payloads at least this long are passed to a device with `writev` as slices of the
+ * receive buffers, which stay out of reuse until the request ends. Shorter ones are
+ * copied into a pooled buffer: holding a 256 KiB receive buffer for a 4 KiB payload would
+ * let a queue of small writes pin far more memory than their bytes.
+ */
+export const ZERO_COPY_MINIMUM = 64 * 1024;
 
 /** Input states. */
 const S = {
@@ -122,6 +137,16 @@ const ALLOWED_FLAGS: Record<number, number> = {
   [NBD_CMD.NBD_CMD_BLOCK_STATUS]: NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE,
 };
 
+/**
+ * A receive buffer lent to the socket, and how many holders (payload slices of requests
+ * in flight, bytes waiting while input is paused) still use it. It goes back to the pool
+ * when the last holder lets go, unless the socket is still reading into it.
+ */
+interface RxBuffer {
+  readonly buf: Buffer;
+  refs: number;
+}
+
 /** A request being served. */
 interface Request {
   readonly h: RequestHeader;
@@ -129,6 +154,14 @@ interface Request {
   readonly cost: number;
   /** The pooled buffer holding a WRITE payload, returned to the pool when the request ends. */
   readonly owner: Buffer | null;
+  /** Receive buffers the WRITE payload's slices live in, released when the request ends. */
+  readonly rx: readonly RxBuffer[] | null;
+}
+
+/** Bytes received while input was paused, and the receive buffer they are in (null for a 'data' chunk). */
+interface PendingChunk {
+  readonly chunk: Buffer;
+  readonly rx: RxBuffer | null;
 }
 
 /** An error reply: the NBD errno and a message for structured ERROR chunks. */
@@ -157,12 +190,19 @@ export class NbdSession implements ExportSession {
   /** The pooled buffer `#body` is a view of, when it came from the pool. */
   #bodyOwner: Buffer | null = null;
   #bodyFill = 0;
-  /** GATHER_PAYLOAD: the pieces so far and the payload length. */
+  /** GATHER_PAYLOAD: the pieces so far, the receive buffers they hold, and the payload length. */
   #slices: Buffer[] = [];
+  #sliceRx: RxBuffer[] = [];
   #gatherLength = 0;
   #skip = 0;
-  #pendingChunks: Buffer[] = [];
+  #pendingChunks: PendingChunk[] = [];
   #readPaused = false;
+  /** True when the socket reads into buffers this session lends it (else 'data' chunks, never reused). */
+  readonly #lent: boolean;
+  /** The receive buffer the socket reads into next (lent mode). */
+  #rx: RxBuffer | null = null;
+  /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
+  #feeding: RxBuffer | null = null;
 
   // Handshake state.
   #noZeroes = false;
@@ -186,13 +226,28 @@ export class NbdSession implements ExportSession {
   /** This session's write-back error cursor (an errseq sample). */
   cursor = 0;
 
-  constructor(socket: Socket, host: SessionHost) {
-    this.#socket = socket;
+  /**
+   * `accepted` should be paused (the server accepts with pauseOnConnect) so that its
+   * reads can be switched to lent buffers before the first byte; a flowing socket is
+   * served through its 'data' events.
+   */
+  constructor(accepted: Socket, host: SessionHost) {
     this.#host = host;
+    const lent = lendReadBuffers(
+      accepted,
+      () => this.#nextReceiveBuffer(),
+      (n, buf) => this.#onData((buf as Buffer).subarray(0, n), this.#rx),
+    );
+    const socket = lent ?? accepted;
+    this.#socket = socket;
+    this.#lent = lent !== null;
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.#log = host.logger.child({ session: this.id });
     socket.setNoDelay(true);
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk));
+    if (!lent) {
+      socket.on('data', (chunk: Buffer) => this.#onData(chunk, null));
+      socket.resume();
+    }
     socket.on('error', (err) => this.#log.debug({ err }, 'socket error'));
     socket.on('close', () => this.#onClose());
     socket.on('drain', () => this.#maybeResume());
@@ -234,21 +289,47 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Input
 
-  #onData(chunk: Buffer): void {
-    if (this.#readPaused || this.#pendingChunks.length > 0) {
-      this.#pendingChunks.push(chunk);
-      return;
-    }
-    this.#feed(chunk);
+  /** The buffer the socket reads into next: the current one unless something still holds it. */
+  #nextReceiveBuffer(): Buffer {
+    const cur = this.#rx;
+    if (cur && cur.refs === 0) return cur.buf;
+    // A held buffer goes back to the pool when its last holder releases it.
+    const rx: RxBuffer = { buf: this.#host.pool.get(RECEIVE_BUFFER_SIZE), refs: 0 };
+    this.#rx = rx;
+    return rx.buf;
   }
 
-  /** Parses as much of `chunk` as the state allows; keeps the rest if paused. */
-  #feed(chunk: Buffer): void {
+  #release(rx: RxBuffer): void {
+    if (--rx.refs === 0 && rx !== this.#rx) this.#host.pool.put(rx.buf);
+  }
+
+  #onData(chunk: Buffer, rx: RxBuffer | null): void {
+    if (this.#readPaused || this.#pendingChunks.length > 0) {
+      if (rx) rx.refs++;
+      this.#pendingChunks.push({ chunk, rx });
+      return;
+    }
+    this.#feed(chunk, rx);
+  }
+
+  /** Parses as much of `chunk` (held in `rx`, or a fresh 'data' chunk) as the state allows; keeps the rest if paused. */
+  #feed(chunk: Buffer, rx: RxBuffer | null): void {
+    this.#feeding = rx;
+    try {
+      this.#parse(chunk);
+    } finally {
+      this.#feeding = null;
+    }
+  }
+
+  #parse(chunk: Buffer): void {
     let pos = 0;
     const end = chunk.length;
     while (pos < end) {
       if (this.#readPaused) {
-        this.#pendingChunks.push(chunk.subarray(pos));
+        const rx = this.#feeding;
+        if (rx) rx.refs++;
+        this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
         return;
       }
       switch (this.#state) {
@@ -277,8 +358,8 @@ export class NbdSession implements ExportSession {
         case S.WRITE_PAYLOAD: {
           const body = this.#body!;
           const want = body.length - this.#bodyFill;
-          if (this.#bodyFill === 0 && end - pos >= body.length && this.#state === S.WRITE_PAYLOAD) {
-            // The whole payload is in this chunk: use it in place ('data' chunks are never reused).
+          if (this.#bodyFill === 0 && end - pos >= body.length && this.#state === S.WRITE_PAYLOAD && this.#feeding === null) {
+            // The whole payload is in this 'data' chunk: use it in place ('data' chunks are never reused).
             this.#body = chunk.subarray(pos, pos + want);
             if (this.#bodyOwner) this.#host.pool.put(this.#bodyOwner);
             this.#bodyOwner = null;
@@ -301,15 +382,23 @@ export class NbdSession implements ExportSession {
         }
         case S.GATHER_PAYLOAD: {
           // 'data' chunks are fresh allocations, never reused: slices of them stay valid.
+          // A lent receive buffer is held until the request ends.
           const n = Math.min(this.#gatherLength - this.#bodyFill, end - pos);
           this.#slices.push(chunk.subarray(pos, pos + n));
+          const rx = this.#feeding;
+          if (rx) {
+            rx.refs++;
+            this.#sliceRx.push(rx);
+          }
           this.#bodyFill += n;
           pos += n;
           if (this.#bodyFill < this.#gatherLength) break;
           const slices = this.#slices;
+          const held = this.#sliceRx;
           this.#slices = [];
+          this.#sliceRx = [];
           this.#bodyFill = 0;
-          this.#onWritePayload(slices.length === 1 ? slices[0]! : slices, null);
+          this.#onWritePayload(slices.length === 1 ? slices[0]! : slices, null, held.length > 0 ? held : null);
           break;
         }
         case S.OPTION_SKIP:
@@ -575,7 +664,7 @@ export class NbdSession implements ExportSession {
     }
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
-    if (this.#device!.writev) {
+    if (this.#device!.writev && (!this.#lent || h.length >= ZERO_COPY_MINIMUM)) {
       // Zero copy: the device takes the payload as the socket delivered it.
       this.#gatherLength = h.length;
       this.#bodyFill = 0;
@@ -588,11 +677,11 @@ export class NbdSession implements ExportSession {
     this.#state = S.WRITE_PAYLOAD;
   }
 
-  #onWritePayload(data: Payload, owner: Buffer | null): void {
+  #onWritePayload(data: Payload, owner: Buffer | null, rx: readonly RxBuffer[] | null = null): void {
     const h = this.#current!;
     this.#current = null;
     this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
-    this.#dispatch(h, data, owner);
+    this.#dispatch(h, data, owner, rx);
   }
 
   #onDiscarded(): void {
@@ -606,7 +695,7 @@ export class NbdSession implements ExportSession {
     // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads and oversized payload-less requests.
     const code = 'EINVAL';
     this.#begin(0);
-    this.#finish({ h, cost: 0, owner: null }, new WireError(new BlockError(code, msg)));
+    this.#finish({ h, cost: 0, owner: null, rx: null }, new WireError(new BlockError(code, msg)));
   }
 
   // -------------------------------------------------------------------------------
@@ -621,7 +710,7 @@ export class NbdSession implements ExportSession {
     }
   }
 
-  #dispatch(h: RequestHeader, payload: Payload | null, owner: Buffer | null = null): void {
+  #dispatch(h: RequestHeader, payload: Payload | null, owner: Buffer | null = null, rx: readonly RxBuffer[] | null = null): void {
     if (h.type === NBD_CMD.NBD_CMD_DISC) {
       // No reply; finish what is in flight, then close.
       this.#log.debug('DISC');
@@ -635,7 +724,7 @@ export class NbdSession implements ExportSession {
       : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload)
       : h.type === NBD_CMD.NBD_CMD_BLOCK_STATUS ? this.#statusCost(h)
       : 0;
-    const req: Request = { h, cost, owner };
+    const req: Request = { h, cost, owner, rx };
     this.#begin(cost);
     const invalid = this.#validate(h, payload);
     if (invalid) return this.#finish(req, new WireError(invalid));
@@ -877,6 +966,7 @@ export class NbdSession implements ExportSession {
     this.#inFlightBytes -= req.cost;
     // The device is done with the payload (BlockDevice.write must not keep it).
     if (req.owner) this.#host.pool.put(req.owner);
+    if (req.rx) for (const r of req.rx) this.#release(r);
     if (!this.#closed) {
       // The last request in flight: nothing else can join this batch, so its reply leaves
       // now (one writev) rather than at the end of the event-loop turn. At queue depth 1
@@ -1045,9 +1135,11 @@ export class NbdSession implements ExportSession {
     if (this.#inFlight >= l.maxInFlightRequests || this.#inFlightBytes >= l.maxInFlightBytes) return;
     if (this.#socket.writableNeedDrain) return;
     this.#readPaused = false;
+    // Rare (input was paused), so shift() on a short array is fine here.
     while (this.#pendingChunks.length > 0 && !this.#readPaused) {
-      const chunk = this.#pendingChunks.shift()!;
-      this.#feed(chunk);
+      const { chunk, rx } = this.#pendingChunks.shift()!;
+      this.#feed(chunk, rx);
+      if (rx) this.#release(rx);
     }
     if (!this.#readPaused) this.#socket.resume();
   }
@@ -1070,6 +1162,10 @@ export class NbdSession implements ExportSession {
     this.#closed = true;
     this.#state = S.IGNORE;
     this.#pendingChunks = [];
+    // The socket reads no more: its buffer goes back unless a request still holds it.
+    const rx = this.#rx;
+    this.#rx = null;
+    if (rx && rx.refs === 0) this.#host.pool.put(rx.buf);
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);

@@ -1,0 +1,142 @@
+/**
+ * Reads into lent receive buffers (src/server/lent-buffers.ts and the session's use of
+ * them): the socket switch itself, and that a receive buffer is never reused while a
+ * request still holds slices of it, with writes held in the device, input paused and
+ * resumed, and large (zero-copy) and small (copied) payloads mixed in one stream.
+ */
+import { after, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { once } from 'node:events';
+import { MemoryDevice } from '../../src/backends/memory.js';
+import { Export } from '../../src/server/index.js';
+import { lendReadBuffers } from '../../src/server/lent-buffers.js';
+import { RECEIVE_BUFFER_SIZE, ZERO_COPY_MINIMUM } from '../../src/server/nbd-session.js';
+import { NBD_CMD } from '../../src/nbd/constants.js';
+import { encodeRequest } from '../../src/nbd/codec.js';
+import { connect, pattern, readData, serveExports } from './helpers.js';
+
+/** A memory device whose gather writes wait until the test lets them go. */
+class HeldGatherDevice extends MemoryDevice {
+  readonly held: (() => void)[] = [];
+  gathered = 0;
+
+  override async writev(data: readonly Buffer[], offset: number, flags: number): Promise<void> {
+    this.gathered++;
+    await new Promise<void>((go) => this.held.push(go));
+    return super.writev(data, offset, flags);
+  }
+}
+
+describe('lendReadBuffers', () => {
+  const servers: net.Server[] = [];
+  after(() => servers.forEach((s) => s.close()));
+
+  async function listen(opts: net.ServerOpts, onSocket: (s: net.Socket) => void): Promise<net.AddressInfo> {
+    const server = net.createServer(opts, onSocket);
+    servers.push(server);
+    server.listen(0, '127.0.0.1');
+    await once(server, 'listening');
+    return server.address() as net.AddressInfo;
+  }
+
+  test('a paused accepted socket reads into each lent buffer in turn, writes still work, and the listener lets go of it', async () => {
+    const lentBuffers: Buffer[] = [];
+    const reads: { n: number; intoLatest: boolean }[] = [];
+    let text = '';
+    let server!: net.Server;
+    const done = new Promise<net.Socket>((resolve) => {
+      void listen({ pauseOnConnect: true }, (sock) => {
+        const lent = lendReadBuffers(
+          sock,
+          () => {
+            const b = Buffer.alloc(16);
+            lentBuffers.push(b);
+            return b;
+          },
+          (n, buf) => {
+            reads.push({ n, intoLatest: buf === lentBuffers[lentBuffers.length - 1] });
+            text += Buffer.from(buf.subarray(0, n)).toString();
+            if (text.endsWith('.')) lent!.end('echo:' + text);
+          },
+        );
+        assert.ok(lent, 'the socket could be switched');
+        resolve(lent);
+      }).then((a) => {
+        server = servers[servers.length - 1]!;
+        const c = net.connect(a.port, a.address);
+        let echo = '';
+        c.on('data', (d: Buffer) => (echo += d.toString()));
+        c.write('more than sixteen bytes, sent at once.');
+        c.on('end', () => {
+          assert.equal(echo, 'echo:more than sixteen bytes, sent at once.');
+        });
+      });
+    });
+    const lent = await done;
+    await once(lent, 'close');
+    assert.equal(text, 'more than sixteen bytes, sent at once.');
+    assert.ok(reads.length >= 3, `${reads.length} reads of at most 16 bytes`);
+    assert.ok(reads.every((r) => r.n <= 16 && r.intoLatest), 'every read went into the buffer lent last');
+    const count = await new Promise<number>((resolve, reject) => server.getConnections((e, n) => (e ? reject(e) : resolve(n))));
+    assert.equal(count, 0, 'the listener no longer counts the original socket');
+  });
+
+  test('a socket already flowing is left as it is (null)', async () => {
+    const result = new Promise<net.Socket | null>((resolve) => {
+      void listen({}, (sock) => {
+        sock.on('data', () => undefined);
+        resolve(lendReadBuffers(sock, () => Buffer.alloc(16), () => undefined));
+        sock.destroy();
+      }).then((a) => net.connect(a.port, a.address).on('error', () => undefined));
+    });
+    assert.equal(await result, null);
+  });
+});
+
+describe('a session reading into lent buffers', () => {
+  test('held zero-copy writes keep their receive buffers: every byte of a mixed, paused and resumed stream lands intact', async () => {
+    const SIZE = 16 * 2 ** 20;
+    const dev = new HeldGatherDevice({ size: SIZE });
+    // Few requests in flight, so that input pauses with bytes left in a receive buffer.
+    const s = await serveExports([new Export({ name: 'd', device: dev })], { maxInFlightRequests: 5 });
+    const releaser = setInterval(() => dev.held.splice(0).forEach((go) => go()), 2);
+    try {
+      const c = await connect(s.socket, 'simple', 'd');
+      const LARGE = RECEIVE_BUFFER_SIZE; // spans two receive buffers with the header
+      const SMALL = 4096;
+      assert.ok(LARGE >= ZERO_COPY_MINIMUM && SMALL < ZERO_COPY_MINIMUM);
+      const writes: { offset: number; data: Buffer }[] = [];
+      let at = 0;
+      for (let i = 0; i < 24; i++) {
+        const len = i % 3 === 2 ? SMALL : LARGE + (i % 5) * 512;
+        writes.push({ offset: at, data: pattern(len, i + 1) });
+        at += len + 512;
+      }
+      const stream = Buffer.concat(
+        writes.flatMap((w, i) => [encodeRequest(0, NBD_CMD.NBD_CMD_WRITE, BigInt(i + 1), w.offset, w.data.length), w.data]),
+      );
+      c.write(stream);
+      // Small writes are not held, so replies come out of order: collect them all.
+      const answered = new Set<bigint>();
+      for (let i = 0; i < writes.length; i++) {
+        const r = await c.reply();
+        assert.equal(r.h.error, 0, `write ${r.h.cookie} failed`);
+        answered.add(r.h.cookie);
+      }
+      assert.deepEqual([...answered].sort((a, b) => Number(a - b)), writes.map((_, i) => BigInt(i + 1)));
+      assert.equal(dev.gathered, writes.filter((w) => w.data.length >= ZERO_COPY_MINIMUM).length, 'large payloads went to writev as slices');
+      for (let i = 0; i < writes.length; i++) {
+        const w = writes[i]!;
+        c.request(0, NBD_CMD.NBD_CMD_READ, BigInt(100 + i), w.offset, w.data.length);
+        const got = await readData(c, BigInt(100 + i), w.offset, w.data.length, 'simple');
+        assert.ok(got.equals(w.data), `write ${i} (${w.data.length} bytes at ${w.offset}) reads back intact`);
+      }
+      c.close();
+    } finally {
+      clearInterval(releaser);
+      dev.held.splice(0).forEach((go) => go());
+      await s.close();
+    }
+  });
+});
