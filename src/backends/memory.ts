@@ -45,7 +45,7 @@ export const PAGE_SIZE = 64 * 1024;
  */
 export const MAX_EXTENTS_PER_CALL = 1024;
 
-/** A page of zeroes, only ever compared against (never written, never handed out). */
+/** A page of zeroes: compared against, and lent read-only for holes by readViews (never written). */
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
 /** Settings of a memory device. */
@@ -111,6 +111,26 @@ export class MemoryDevice implements BlockDevice {
       else buf.fill(0, done, done + n);
       done += n;
     }
+  }
+
+  /**
+   * Zero-copy read: slices of the pages, and of one shared page of zeroes for holes.
+   * Safe to hand out: a page is written in place only by later writes (concurrent with
+   * the read, see BlockDevice.readViews), and a freed page is dropped, never reused.
+   */
+  readViews(offset: number, length: number): Buffer[] {
+    this.#check('read');
+    const views: Buffer[] = [];
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - index * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, length - done);
+      views.push((this.#pages.get(index) ?? ZERO_PAGE).subarray(inPage, inPage + n));
+      done += n;
+    }
+    return views;
   }
 
   async write(data: Buffer, offset: number, _flags: number): Promise<void> {

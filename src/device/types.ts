@@ -110,6 +110,16 @@ export interface BlockDevice {
    * never bypassed; only a bare backend offers it.
    */
   writev?(data: readonly Buffer[], offset: number, flags: number): Promise<void>;
+  /**
+   * Optional zero-copy read: views of the device's own storage that hold, in order, the
+   * `length` bytes at `offset` (same checks and errors as `read`). A frontend sends them
+   * to the peer as they are instead of copying them into a reply buffer, never writes
+   * them, and drops them once sent. A write, trim or zero of the range that runs while
+   * such a reply is still queued was sent by the client before it had the reply, so it
+   * was concurrent with the read, and NBD lets such a read return old or new contents.
+   * Filters do not forward it (as for writev); only a bare backend offers it.
+   */
+  readViews?(offset: number, length: number): Buffer[];
   /** Makes every write completed before this call durable. */
   flush(flags: number): Promise<void>;
   /** Discards a range (a hint: contents become unspecified). */

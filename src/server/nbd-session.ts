@@ -883,17 +883,23 @@ export class NbdSession implements ExportSession {
       this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
       : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
       : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
-    const owner = this.#host.pool.get(prefix + len);
-    const buf = owner.subarray(0, prefix + len);
     const sparse =
       this.#mode !== MODE.SIMPLE &&
       dev.capabilities.extents &&
       len >= this.#host.limits.sparseReadMinimum &&
       !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
+    let knownRuns: Extent[] | null | undefined;
+    if (dev.readViews && len > 0) {
+      // Zero copy unless there are holes worth sending as hole chunks.
+      knownRuns = sparse ? await this.#zeroRuns(h.offset, len) : null;
+      if (knownRuns === null) return { views: dev.readViews(h.offset, len) };
+    }
+    const owner = this.#host.pool.get(prefix + len);
+    const buf = owner.subarray(0, prefix + len);
     try {
       const [, zeroRuns] = await Promise.all([
         len > 0 ? dev.read(buf.subarray(prefix), h.offset, 0) : undefined,
-        sparse ? this.#zeroRuns(h.offset, len) : null,
+        knownRuns !== undefined ? knownRuns : sparse ? this.#zeroRuns(h.offset, len) : null,
       ]);
       return { buf, owner, prefix, zeroRuns };
     } catch (e) {
@@ -1019,6 +1025,7 @@ export class NbdSession implements ExportSession {
     if (result instanceof WireError) return this.#replyError(h, result);
     if (result === null) return this.#replyDone(h);
     if ('descs' in result) return this.#replyBlockStatus(h, result.descs);
+    if ('views' in result) return this.#replyViews(h, result.views);
     if (this.#closed) return this.#host.pool.put(result.owner);
     return this.#replyRead(h, result);
   }
@@ -1058,6 +1065,21 @@ export class NbdSession implements ExportSession {
     else writeStructuredHeader(hdr, 0, flags, type, h.cookie, payload.length);
     this.#send(hdr);
     if (payload.length > 0) this.#send(payload);
+  }
+
+  /** A whole READ as one data reply whose data are the device's own views (one writev with the header). */
+  #replyViews(h: RequestHeader, views: readonly Buffer[]): void {
+    if (this.#closed) return;
+    let head: Buffer;
+    if (this.#mode === MODE.SIMPLE) {
+      head = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
+      writeSimpleReply(head, 0, 0, h.cookie);
+    } else {
+      head = Buffer.allocUnsafe((this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REPLY_HEADER : NBD_SIZE.STRUCTURED_REPLY_HEADER) + 8);
+      this.#writeDataHeader(head, h, DONE, h.offset, h.length);
+    }
+    this.#send(head);
+    for (const v of views) this.#send(v);
   }
 
   #replyRead(h: RequestHeader, r: ReadResult): void {
@@ -1186,5 +1208,5 @@ interface ReadResult {
 /** A WRITE payload: one buffer, or the socket's pieces for a device with writev. */
 type Payload = Buffer | Buffer[];
 
-/** What a request resolves to: null = plain success, read data, block status, or an error. */
-type Reply = null | ReadResult | { readonly descs: Descriptor[] } | WireError;
+/** What a request resolves to: null = plain success, read data (copied or as device views), block status, or an error. */
+type Reply = null | ReadResult | { readonly views: readonly Buffer[] } | { readonly descs: Descriptor[] } | WireError;

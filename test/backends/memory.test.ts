@@ -240,3 +240,43 @@ describe('memory: gather writes (writev)', () => {
     await assert.rejects(dev.writev([Buffer.alloc(1)], 0, 0), { code: 'EPERM' });
   });
 });
+
+describe('memory: zero-copy reads (readViews)', () => {
+  test('views hold the same bytes as read(), across pages and holes (property)', async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.record({ offset: fc.nat(SIZE - 1), length: fc.integer({ min: 1, max: 3 * PAGE_SIZE }), seed: fc.nat(255) }), { maxLength: 8 }),
+        fc.nat(SIZE - 1),
+        fc.integer({ min: 0, max: 3 * PAGE_SIZE }),
+        async (writes, offset, want) => {
+          const dev = new MemoryDevice({ size: SIZE });
+          for (const w of writes) {
+            const len = Math.min(w.length, SIZE - w.offset);
+            await dev.write(Buffer.alloc(len, w.seed), w.offset, 0);
+          }
+          const length = Math.min(want, SIZE - offset);
+          const expected = Buffer.alloc(length);
+          await dev.read(expected, offset, 0);
+          const views = dev.readViews(offset, length);
+          assert.ok(Buffer.concat(views).equals(expected));
+          assert.equal(views.reduce((n, v) => n + v.length, 0), length);
+        },
+      ),
+      { numRuns: 200 },
+    );
+  });
+
+  test('views of a hole stay zeroes when the hole is written later (a write allocates, never writes through them)', async () => {
+    const dev = new MemoryDevice({ size: SIZE });
+    const views = dev.readViews(PAGE_SIZE - 100, 200);
+    await dev.write(Buffer.alloc(200, 0xee), PAGE_SIZE - 100, 0);
+    assert.ok(Buffer.concat(views).equals(Buffer.alloc(200)));
+    assert.ok(Buffer.concat(dev.readViews(PAGE_SIZE - 100, 200)).equals(Buffer.alloc(200, 0xee)));
+  });
+
+  test('after close readViews fails EBADF like read', async () => {
+    const dev = new MemoryDevice({ size: SIZE });
+    await dev.close();
+    assert.throws(() => dev.readViews(0, 10), (e: unknown) => e instanceof BlockError && e.code === 'EBADF');
+  });
+});
