@@ -1018,7 +1018,7 @@ export class NbdSession implements ExportSession {
   readonly #uncork = (): void => {
     this.#corked = false;
     this.#socket.uncork();
-    if (this.#socket.writableNeedDrain && !this.#readPaused) this.#pauseInput();
+    if (!this.#readPaused && this.#repliesBacklogged()) this.#pauseInput();
   };
 
   #reply(h: RequestHeader, result: Reply): void {
@@ -1146,6 +1146,16 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Flow control and close
 
+  /**
+   * True when replies wait in the socket's own queue (the kernel did not take them all).
+   * Not `writableNeedDrain`: that stays set until the next tick even when the write just
+   * went out whole, and pausing on it stopped and restarted reading (two epoll_ctl calls
+   * and a 'drain' round) after every batch of replies above 16 KiB.
+   */
+  #repliesBacklogged(): boolean {
+    return this.#socket.writableLength >= this.#socket.writableHighWaterMark;
+  }
+
   #pauseInput(): void {
     this.#readPaused = true;
     this.#socket.pause();
@@ -1155,7 +1165,7 @@ export class NbdSession implements ExportSession {
     if (!this.#readPaused || this.#closed) return;
     const l = this.#host.limits;
     if (this.#inFlight >= l.maxInFlightRequests || this.#inFlightBytes >= l.maxInFlightBytes) return;
-    if (this.#socket.writableNeedDrain) return;
+    if (this.#repliesBacklogged()) return;
     this.#readPaused = false;
     // Rare (input was paused), so shift() on a short array is fine here.
     while (this.#pendingChunks.length > 0 && !this.#readPaused) {
