@@ -76,7 +76,7 @@ export class MemoryDevice implements BlockDevice {
   readonly size: number;
   readonly capabilities: Capabilities;
   readonly blockSize = DEFAULT_BLOCK_SIZE;
-  readonly nonBlocking = true;
+  readonly nonBlocking: boolean = true;
   readonly description: string;
 
   /** Allocated pages by page index. */

@@ -100,8 +100,9 @@ export const RECEIVE_BUFFER_SIZE = 256 * 1024;
 /**
  * WRITE payloads at least this long are passed to a device with `writev` as slices of the
  * receive buffers, which stay out of reuse until the request ends. Shorter ones are
- * copied into a pooled buffer: holding a 256 KiB receive buffer for a 4 KiB payload would
- * let a queue of small writes pin far more memory than their bytes.
+ * copied into a pooled buffer, because holding a 256 KiB receive buffer for a 4 KiB
+ * payload would let a queue of small writes pin far more memory than their bytes, unless
+ * the device is `nonBlocking` (memory): it is done with them before the next read.
  */
 export const ZERO_COPY_MINIMUM = 64 * 1024;
 
@@ -664,7 +665,8 @@ export class NbdSession implements ExportSession {
     }
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
-    if (this.#device!.writev && (!this.#lent || h.length >= ZERO_COPY_MINIMUM)) {
+    const dev = this.#device!;
+    if (dev.writev && (!this.#lent || h.length >= ZERO_COPY_MINIMUM || dev.nonBlocking)) {
       // Zero copy: the device takes the payload as the socket delivered it.
       this.#gatherLength = h.length;
       this.#bodyFill = 0;

@@ -16,14 +16,38 @@ import { NBD_CMD } from '../../src/nbd/constants.js';
 import { encodeRequest } from '../../src/nbd/codec.js';
 import { connect, pattern, readData, serveExports } from './helpers.js';
 
-/** A memory device whose gather writes wait until the test lets them go. */
-class HeldGatherDevice extends MemoryDevice {
+/** True if every piece is a view of a session receive buffer (zero copy), not of a pooled copy. */
+function inReceiveBuffers(pieces: readonly Buffer[]): boolean {
+  return pieces.every((p) => p.buffer.byteLength === RECEIVE_BUFFER_SIZE);
+}
+
+/**
+ * A memory device that counts writes whose payload came as slices of receive buffers,
+ * and, when `hold` is set, keeps every write waiting until the test lets it go (so it is
+ * not nonBlocking).
+ */
+class CountingDevice extends MemoryDevice {
+  override readonly nonBlocking: boolean;
   readonly held: (() => void)[] = [];
-  gathered = 0;
+  zeroCopy = 0;
+
+  constructor(size: number, readonly hold: boolean) {
+    super({ size });
+    this.nonBlocking = !hold;
+  }
+
+  async #wait(pieces: readonly Buffer[]): Promise<void> {
+    if (inReceiveBuffers(pieces)) this.zeroCopy++;
+    if (this.hold) await new Promise<void>((go) => this.held.push(go));
+  }
+
+  override async write(data: Buffer, offset: number, flags: number): Promise<void> {
+    await this.#wait([data]);
+    return super.write(data, offset, flags);
+  }
 
   override async writev(data: readonly Buffer[], offset: number, flags: number): Promise<void> {
-    this.gathered++;
-    await new Promise<void>((go) => this.held.push(go));
+    await this.#wait(data);
     return super.writev(data, offset, flags);
   }
 }
@@ -95,9 +119,11 @@ describe('lendReadBuffers', () => {
 });
 
 describe('a session reading into lent buffers', () => {
-  test('held zero-copy writes keep their receive buffers: every byte of a mixed, paused and resumed stream lands intact', async () => {
-    const SIZE = 16 * 2 ** 20;
-    const dev = new HeldGatherDevice({ size: SIZE });
+  /**
+   * Writes a stream of large and small WRITEs in one go, with few requests allowed in
+   * flight (so input pauses with bytes left in a receive buffer), then reads all back.
+   */
+  async function mixedStream(dev: CountingDevice, expectZeroCopy: (lengths: number[]) => number): Promise<void> {
     // Few requests in flight, so that input pauses with bytes left in a receive buffer.
     const s = await serveExports([new Export({ name: 'd', device: dev })], { maxInFlightRequests: 5 });
     const releaser = setInterval(() => dev.held.splice(0).forEach((go) => go()), 2);
@@ -117,7 +143,7 @@ describe('a session reading into lent buffers', () => {
         writes.flatMap((w, i) => [encodeRequest(0, NBD_CMD.NBD_CMD_WRITE, BigInt(i + 1), w.offset, w.data.length), w.data]),
       );
       c.write(stream);
-      // Small writes are not held, so replies come out of order: collect them all.
+      // Small writes may not be held, so replies can come out of order: collect them all.
       const answered = new Set<bigint>();
       for (let i = 0; i < writes.length; i++) {
         const r = await c.reply();
@@ -125,7 +151,7 @@ describe('a session reading into lent buffers', () => {
         answered.add(r.h.cookie);
       }
       assert.deepEqual([...answered].sort((a, b) => Number(a - b)), writes.map((_, i) => BigInt(i + 1)));
-      assert.equal(dev.gathered, writes.filter((w) => w.data.length >= ZERO_COPY_MINIMUM).length, 'large payloads went to writev as slices');
+      assert.equal(dev.zeroCopy, expectZeroCopy(writes.map((w) => w.data.length)), 'payloads passed as receive-buffer slices');
       for (let i = 0; i < writes.length; i++) {
         const w = writes[i]!;
         c.request(0, NBD_CMD.NBD_CMD_READ, BigInt(100 + i), w.offset, w.data.length);
@@ -138,5 +164,14 @@ describe('a session reading into lent buffers', () => {
       dev.held.splice(0).forEach((go) => go());
       await s.close();
     }
+  }
+
+  test('held zero-copy writes keep their receive buffers: every byte of a mixed, paused and resumed stream lands intact', async () => {
+    // A device that may take its time: only large payloads are held as slices, small ones are copied.
+    await mixedStream(new CountingDevice(16 * 2 ** 20, true), (ls) => ls.filter((l) => l >= ZERO_COPY_MINIMUM).length);
+  });
+
+  test('a nonBlocking device gets every payload as slices, small ones too, and every byte lands intact', async () => {
+    await mixedStream(new CountingDevice(16 * 2 ** 20, false), (ls) => ls.length);
   });
 });
