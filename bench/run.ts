@@ -32,7 +32,7 @@ interface Mode {
   readonly workloads: readonly Workload[];
 }
 
-type ServerKind = 'blockgate-memory' | 'blockgate-file' | 'nbdkit-memory' | 'nbdkit-file' | 'nbdkit-null' | 'qemu-nbd-file';
+type ServerKind = 'blockgate-memory' | 'blockgate-file' | 'nbdkit-memory' | 'nbdkit-file' | 'nbdkit-null' | 'qemu-nbd-file' | 'node-floor';
 type Workload =
   | 'seq-read-c1'
   | 'seq-read-c4'
@@ -60,6 +60,8 @@ const ALL_SERVERS: readonly ServerKind[] = [
   'nbdkit-file',
   'qemu-nbd-file',
   'nbdkit-null',
+  // The least a Node.js NBD server can cost per request (bench/node-floor.ts).
+  'node-floor',
 ];
 
 const MODES: Record<Mode['name'], Mode> = {
@@ -215,6 +217,10 @@ async function startServer(kind: ServerKind, size: number, file: string): Promis
     case 'qemu-nbd-file':
       cmd = 'qemu-nbd';
       args = ['-f', 'raw', '-b', '127.0.0.1', '-p', String(port), '-e', '8', '--cache=writeback', '-t', file];
+      break;
+    case 'node-floor':
+      cmd = process.execPath;
+      args = ['--import', 'tsx', path.join(ROOT, 'bench/node-floor.ts'), String(port), String(size)];
       break;
   }
   const child = spawn(cmd, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
