@@ -204,6 +204,8 @@ export class NbdSession implements ExportSession {
   #rx: RxBuffer | null = null;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
   #feeding: RxBuffer | null = null;
+  /** Receive buffers with holders (refs > 0), the current one included. */
+  #heldBuffers = 0;
 
   // Handshake state.
   #noZeroes = false;
@@ -300,13 +302,19 @@ export class NbdSession implements ExportSession {
     return rx.buf;
   }
 
+  #hold(rx: RxBuffer): void {
+    if (rx.refs++ === 0) this.#heldBuffers++;
+  }
+
   #release(rx: RxBuffer): void {
-    if (--rx.refs === 0 && rx !== this.#rx) this.#host.pool.put(rx.buf);
+    if (--rx.refs > 0) return;
+    this.#heldBuffers--;
+    if (rx !== this.#rx) this.#host.pool.put(rx.buf);
   }
 
   #onData(chunk: Buffer, rx: RxBuffer | null): void {
     if (this.#readPaused || this.#pendingChunks.length > 0) {
-      if (rx) rx.refs++;
+      if (rx) this.#hold(rx);
       this.#pendingChunks.push({ chunk, rx });
       return;
     }
@@ -329,7 +337,7 @@ export class NbdSession implements ExportSession {
     while (pos < end) {
       if (this.#readPaused) {
         const rx = this.#feeding;
-        if (rx) rx.refs++;
+        if (rx) this.#hold(rx);
         this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
         return;
       }
@@ -388,7 +396,7 @@ export class NbdSession implements ExportSession {
           this.#slices.push(chunk.subarray(pos, pos + n));
           const rx = this.#feeding;
           if (rx) {
-            rx.refs++;
+            this.#hold(rx);
             this.#sliceRx.push(rx);
           }
           this.#bodyFill += n;
@@ -666,7 +674,7 @@ export class NbdSession implements ExportSession {
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
     const dev = this.#device!;
-    if (dev.writev && (!this.#lent || h.length >= ZERO_COPY_MINIMUM || dev.nonBlocking)) {
+    if (dev.writev && (!this.#lent || this.#mayHold(h.length, dev.nonBlocking))) {
       // Zero copy: the device takes the payload as the socket delivered it.
       this.#gatherLength = h.length;
       this.#bodyFill = 0;
@@ -677,6 +685,18 @@ export class NbdSession implements ExportSession {
     this.#body = this.#bodyOwner.subarray(0, h.length);
     this.#bodyFill = 0;
     this.#state = S.WRITE_PAYLOAD;
+  }
+
+  /**
+   * Whether a WRITE payload of `length` bytes may stay in the receive buffers (lent mode).
+   * Held buffers are bounded by the in-flight byte budget: a slow device completing out
+   * of order could otherwise keep one 256 KiB buffer per 64 KiB payload in flight (and
+   * two for a payload straddling buffers), up to 8x the budget. Past the bound, payloads
+   * are copied into the pool like small ones, which the budget itself bounds.
+   */
+  #mayHold(length: number, nonBlocking: boolean): boolean {
+    if (length < ZERO_COPY_MINIMUM && !nonBlocking) return false;
+    return (this.#heldBuffers + 2) * RECEIVE_BUFFER_SIZE <= this.#host.limits.maxInFlightBytes;
   }
 
   #onWritePayload(data: Payload, owner: Buffer | null, rx: readonly RxBuffer[] | null = null): void {

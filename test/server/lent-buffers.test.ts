@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
 import { MemoryDevice } from '../../src/backends/memory.js';
-import { Export } from '../../src/server/index.js';
+import { Export, type ServerLimits } from '../../src/server/index.js';
 import { lendReadBuffers } from '../../src/server/lent-buffers.js';
 import { RECEIVE_BUFFER_SIZE, ZERO_COPY_MINIMUM } from '../../src/server/nbd-session.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
@@ -123,9 +123,12 @@ describe('a session reading into lent buffers', () => {
    * Writes a stream of large and small WRITEs in one go, with few requests allowed in
    * flight (so input pauses with bytes left in a receive buffer), then reads all back.
    */
-  async function mixedStream(dev: CountingDevice, expectZeroCopy: (lengths: number[]) => number): Promise<void> {
-    // Few requests in flight, so that input pauses with bytes left in a receive buffer.
-    const s = await serveExports([new Export({ name: 'd', device: dev })], { maxInFlightRequests: 5 });
+  async function mixedStream(
+    dev: CountingDevice,
+    expectZeroCopy: (lengths: number[]) => number | ((zeroCopy: number) => void),
+    limits: Partial<ServerLimits> = { maxInFlightRequests: 5 },
+  ): Promise<void> {
+    const s = await serveExports([new Export({ name: 'd', device: dev })], limits);
     const releaser = setInterval(() => dev.held.splice(0).forEach((go) => go()), 2);
     try {
       const c = await connect(s.socket, 'simple', 'd');
@@ -151,7 +154,9 @@ describe('a session reading into lent buffers', () => {
         answered.add(r.h.cookie);
       }
       assert.deepEqual([...answered].sort((a, b) => Number(a - b)), writes.map((_, i) => BigInt(i + 1)));
-      assert.equal(dev.zeroCopy, expectZeroCopy(writes.map((w) => w.data.length)), 'payloads passed as receive-buffer slices');
+      const expected = expectZeroCopy(writes.map((w) => w.data.length));
+      if (typeof expected === 'number') assert.equal(dev.zeroCopy, expected, 'payloads passed as receive-buffer slices');
+      else expected(dev.zeroCopy);
       for (let i = 0; i < writes.length; i++) {
         const w = writes[i]!;
         c.request(0, NBD_CMD.NBD_CMD_READ, BigInt(100 + i), w.offset, w.data.length);
@@ -168,7 +173,22 @@ describe('a session reading into lent buffers', () => {
 
   test('held zero-copy writes keep their receive buffers: every byte of a mixed, paused and resumed stream lands intact', async () => {
     // A device that may take its time: only large payloads are held as slices, small ones are copied.
+    // Few requests in flight, so that input pauses with bytes left in a receive buffer.
     await mixedStream(new CountingDevice(16 * 2 ** 20, true), (ls) => ls.filter((l) => l >= ZERO_COPY_MINIMUM).length);
+  });
+
+  test('held receive buffers stay within the in-flight byte budget: past it, large payloads are copied', async () => {
+    // 1 MiB budget = 4 receive buffers: with 16 large writes waiting in the device, most must be copies.
+    const budget = 4 * RECEIVE_BUFFER_SIZE;
+    await mixedStream(
+      new CountingDevice(16 * 2 ** 20, true),
+      (ls) => (zeroCopy) => {
+        const large = ls.filter((l) => l >= ZERO_COPY_MINIMUM).length;
+        assert.ok(zeroCopy >= 1, 'the first payloads are held');
+        assert.ok(zeroCopy < large, `${zeroCopy} of ${large} large payloads held with a ${budget}-byte budget`);
+      },
+      { maxInFlightBytes: budget, maxInFlightRequests: 64 },
+    );
   });
 
   test('a nonBlocking device gets every payload as slices, small ones too, and every byte lands intact', async () => {
