@@ -220,7 +220,8 @@ async function startServer(kind: ServerKind, size: number, file: string): Promis
       break;
     case 'node-floor':
       cmd = process.execPath;
-      args = ['--import', 'tsx', path.join(ROOT, 'bench/node-floor.ts'), String(port), String(size)];
+      // With blockgate's V8 flags, so that the two differ only in what the server does.
+      args = [...V8_FLAGS, '--import', 'tsx', path.join(ROOT, 'bench/node-floor.ts'), String(port), String(size)];
       break;
   }
   const child = spawn(cmd, args, { env, stdio: ['ignore', 'ignore', 'pipe'] });
