@@ -12,9 +12,13 @@ import { parseSettings, readOnlyCapabilities, readOnlyError, settingsSchema } fr
 export class ReadonlyFilter extends FilterDevice {
   readonly #capabilities: Capabilities;
 
+  /** Reads pass through unchanged, so a backend's zero-copy reads do too (when it has them). */
+  readonly readViews?: (offset: number, length: number) => Buffer[];
+
   constructor(next: BlockDevice) {
     super(next);
     this.#capabilities = readOnlyCapabilities(next.capabilities);
+    if (next.readViews) this.readViews = (offset, length) => next.readViews!(offset, length);
   }
 
   override get capabilities(): Capabilities {

@@ -2,6 +2,7 @@ import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { REQ } from '../../src/device/types.js';
 import { validateRequest } from '../../src/device/validate.js';
+import { FilterDevice } from '../../src/device/filter.js';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { ReadonlyFilter, readonlyFilter } from '../../src/filters/readonly.js';
 import { runContract } from '../backends/contract.js';
@@ -54,6 +55,16 @@ describe('readonly filter', () => {
     await dev.cache(0, 100, 0);
     await dev.close();
     await assert.rejects(below.read(Buffer.alloc(1), 0, 0), { code: 'EBADF' });
+  });
+
+  test('zero-copy reads pass through when the device below has them, and only then', async () => {
+    const { dev } = await makeFiltered();
+    assert.ok(dev.readViews, 'memory below: readViews forwarded');
+    assert.deepEqual(Buffer.concat(dev.readViews(65530, 10)), Buffer.from([0x42, 0x42, 0x42, 0x42, 0x42, 0x42, 0, 0, 0, 0]));
+    const overFilter = new ReadonlyFilter(new ReadonlyFilter(new MemoryDevice({ size: SIZE })));
+    assert.ok(overFilter.readViews, 'forwarded through two readonly filters');
+    const noViews = new ReadonlyFilter(new FilterDevice(new MemoryDevice({ size: SIZE })));
+    assert.equal(noViews.readViews, undefined, 'a filter below that does not offer them hides them');
   });
 
   test('the factory takes no settings', () => {
