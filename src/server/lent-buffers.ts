@@ -34,7 +34,7 @@ export function lendReadBuffers(socket: net.Socket, buffer: LendBuffer, onRead: 
   if (!handle || typeof handle !== 'object' || socket.destroyed || socket.readableFlowing === true || socket.readableLength > 0) {
     return null;
   }
-  const options = { handle, onread: { buffer, callback: onRead }, readable: true, writable: true };
+  const options = { handle, onread: { buffer, callback: onRead }, readable: true, writable: true, allowHalfOpen: socket.allowHalfOpen };
   const lent = new net.Socket(options as net.SocketConstructorOpts);
   // The handle is the new socket's now: destroying the old one without it closes nothing
   // and releases the listener's connection count.

@@ -146,6 +146,8 @@ const ALLOWED_FLAGS: Record<number, number> = {
 interface RxBuffer {
   readonly buf: Buffer;
   refs: number;
+  /** Bytes of `buf` the socket has filled; while it is held, reads go into the rest. */
+  used: number;
 }
 
 /** A request being served. */
@@ -206,6 +208,10 @@ export class NbdSession implements ExportSession {
   #feeding: RxBuffer | null = null;
   /** Receive buffers with holders (refs > 0), the current one included. */
   #heldBuffers = 0;
+  /** True while #feed runs. */
+  #parsing = false;
+  /** Input was unpaused while parsing: feed the pending bytes and resume the socket after it. */
+  #resumeAfterParse = false;
 
   // Handshake state.
   #noZeroes = false;
@@ -239,7 +245,7 @@ export class NbdSession implements ExportSession {
     const lent = lendReadBuffers(
       accepted,
       () => this.#nextReceiveBuffer(),
-      (n, buf) => this.#onData((buf as Buffer).subarray(0, n), this.#rx),
+      (n, buf) => this.#onLentRead(n, buf as Buffer),
     );
     const socket = lent ?? accepted;
     this.#socket = socket;
@@ -292,14 +298,32 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Input
 
-  /** The buffer the socket reads into next: the current one unless something still holds it. */
+  /**
+   * Where the socket reads next: the whole current buffer when nothing holds it, else
+   * its unused tail while at least ZERO_COPY_MINIMUM is left, else a fresh buffer (a held
+   * one goes back to the pool when its last holder releases it). Filling the tail first
+   * keeps memory near the bytes held: a peer that sends a payload a few bytes per read
+   * must not make every read pin a new 256 KiB buffer.
+   */
   #nextReceiveBuffer(): Buffer {
     const cur = this.#rx;
-    if (cur && cur.refs === 0) return cur.buf;
-    // A held buffer goes back to the pool when its last holder releases it.
-    const rx: RxBuffer = { buf: this.#host.pool.get(RECEIVE_BUFFER_SIZE), refs: 0 };
+    if (cur) {
+      if (cur.refs === 0) {
+        cur.used = 0;
+        return cur.buf;
+      }
+      if (cur.buf.length - cur.used >= ZERO_COPY_MINIMUM) return cur.buf.subarray(cur.used);
+    }
+    const rx: RxBuffer = { buf: this.#host.pool.get(RECEIVE_BUFFER_SIZE), refs: 0, used: 0 };
     this.#rx = rx;
     return rx.buf;
+  }
+
+  /** Bytes the socket read into the current receive buffer (at its `used` offset). */
+  #onLentRead(n: number, into: Buffer): void {
+    const rx = this.#rx!;
+    rx.used += n;
+    this.#onData(into.subarray(0, n), rx);
   }
 
   #hold(rx: RxBuffer): void {
@@ -321,13 +345,24 @@ export class NbdSession implements ExportSession {
     this.#feed(chunk, rx);
   }
 
-  /** Parses as much of `chunk` (held in `rx`, or a fresh 'data' chunk) as the state allows; keeps the rest if paused. */
+  /**
+   * Parses as much of `chunk` (held in `rx`, or a fresh 'data' chunk) as the state allows;
+   * keeps the rest if paused. Never re-entered: a resume asked for while parsing (a
+   * request answered at once, from inside the parse) only unpauses, and the pending
+   * bytes are fed, in order, once this parse is done.
+   */
   #feed(chunk: Buffer, rx: RxBuffer | null): void {
     this.#feeding = rx;
+    this.#parsing = true;
     try {
       this.#parse(chunk);
     } finally {
       this.#feeding = null;
+      this.#parsing = false;
+    }
+    if (this.#resumeAfterParse) {
+      this.#resumeAfterParse = false;
+      if (!this.#readPaused && !this.#closed) this.#resumeInput();
     }
   }
 
@@ -1013,6 +1048,8 @@ export class NbdSession implements ExportSession {
       if (flushNow && this.#corked) {
         this.#corked = false;
         this.#socket.uncork();
+        // As #uncork does: a peer that stops reading while sending one request at a time must still be paused.
+        if (!this.#readPaused && this.#repliesBacklogged()) this.#pauseInput();
       }
     }
     if (this.#inFlight === 0 && (this.#disconnecting || this.#host.shuttingDown)) {
@@ -1189,13 +1226,22 @@ export class NbdSession implements ExportSession {
     if (this.#inFlight >= l.maxInFlightRequests || this.#inFlightBytes >= l.maxInFlightBytes) return;
     if (this.#repliesBacklogged()) return;
     this.#readPaused = false;
+    if (this.#parsing) {
+      this.#resumeAfterParse = true;
+      return;
+    }
+    this.#resumeInput();
+  }
+
+  /** Feeds the bytes kept while paused, in order, then lets the socket read again. */
+  #resumeInput(): void {
     // Rare (input was paused), so shift() on a short array is fine here.
     while (this.#pendingChunks.length > 0 && !this.#readPaused) {
       const { chunk, rx } = this.#pendingChunks.shift()!;
       this.#feed(chunk, rx);
       if (rx) this.#release(rx);
     }
-    if (!this.#readPaused) this.#socket.resume();
+    if (!this.#readPaused && !this.#closed) this.#socket.resume();
   }
 
   #hangUp(): void {

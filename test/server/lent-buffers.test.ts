@@ -8,6 +8,7 @@ import { after, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { Export, type ServerLimits } from '../../src/server/index.js';
 import { lendReadBuffers } from '../../src/server/lent-buffers.js';
@@ -193,5 +194,39 @@ describe('a session reading into lent buffers', () => {
 
   test('a nonBlocking device gets every payload as slices, small ones too, and every byte lands intact', async () => {
     await mixedStream(new CountingDevice(16 * 2 ** 20, false), (ls) => ls.length);
+  });
+
+  test('a payload dribbled a few bytes per read fills the held buffer before taking another (memory follows the bytes)', async () => {
+    const s = await serveExports([new Export({ name: 'd', device: new MemoryDevice({ size: 2 ** 20 }) })]);
+    const pool = s.server.pool;
+    const get = pool.get.bind(pool);
+    let receiveBuffers = 0;
+    pool.get = (n: number) => {
+      if (n === RECEIVE_BUFFER_SIZE) receiveBuffers++;
+      return get(n);
+    };
+    try {
+      const c = await connect(s.socket, 'simple', 'd');
+      const LEN = 64 * 1024;
+      const PIECE = 256;
+      const data = pattern(LEN, 9);
+      const before = receiveBuffers;
+      c.write(encodeRequest(0, NBD_CMD.NBD_CMD_WRITE, 1n, 4096, LEN));
+      // Each piece in its own read: the previous one has been read before the next is sent.
+      for (let at = 0; at < LEN; at += PIECE) {
+        c.write(data.subarray(at, at + PIECE));
+        await sleep(1);
+      }
+      const r = await c.reply();
+      assert.equal(r.h.error, 0);
+      // 257 reads into held buffers: one 256 KiB buffer (plus one when its tail runs short), not one per read.
+      assert.ok(receiveBuffers - before <= 2, `${receiveBuffers - before} receive buffers for ${LEN / PIECE} pieces`);
+      c.request(0, NBD_CMD.NBD_CMD_READ, 2n, 4096, LEN);
+      assert.ok((await readData(c, 2n, 4096, LEN, 'simple')).equals(data));
+      c.close();
+    } finally {
+      pool.get = get;
+      await s.close();
+    }
   });
 });

@@ -619,4 +619,38 @@ describe('write-side backpressure', () => {
       await s.close();
     }
   });
+
+  test('the same when requests come one at a time, each answered before the next arrives (the last-in-flight reply path)', async () => {
+    const dev = new GatedDevice(new MemoryDevice({ size: 64 * 2 ** 20 }));
+    // Default limits: each READ finishes before the next arrives, so the in-flight budget never pauses input.
+    const s = await serveExports([new Export({ name: 'd', device: dev })]);
+    const c = await connect(s.socket, 'simple', 'd');
+    try {
+      const N = 120;
+      const LEN = 2 ** 20; // 120 MiB of replies in all
+      c.socket.pause();
+      let sent = 0;
+      // One request per write, and time for the server to answer it before the next.
+      for (; sent < N; sent++) {
+        c.write(encodeRequest(0, C.NBD_CMD_READ, BigInt(sent), (sent % 64) * 2 ** 20, LEN));
+        await sleep(5);
+        if ((dev.calls.get('read') ?? 0) < sent + 1) break;
+      }
+      await sleep(100);
+      const started = dev.calls.get('read') ?? 0;
+      assert.ok(started < N / 4, `the server started ${started} reads while the client read nothing`);
+      for (sent++; sent < N; sent++) c.write(encodeRequest(0, C.NBD_CMD_READ, BigInt(sent), (sent % 64) * 2 ** 20, LEN));
+      c.socket.resume();
+      for (let i = 0; i < N; i++) {
+        const r = await c.reply();
+        assert.equal(r.h.error, 0);
+        await c.read(LEN);
+      }
+      assert.equal(dev.calls.get('read'), N);
+    } finally {
+      // Also on failure: a paused client socket left open would keep the test process alive.
+      c.socket.destroy();
+      await s.close();
+    }
+  });
 });
