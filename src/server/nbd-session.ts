@@ -93,14 +93,16 @@ const STATUS_DESCRIPTOR_BYTES = 16;
 
 /**
  * Size of the receive buffers a session lends its socket (see lent-buffers.ts): one read
- * takes up to this much, so a 256 KiB write arrives in one or two reads instead of five.
+ * takes up to this much. 1 MiB: a stream of 256 KiB writes then costs a read(2) and a
+ * callback per ~four requests; against 256 KiB buffers that was 10-20 % less server CPU
+ * for sequential writes (1 and 4 connections), for 1 MiB of memory per connection.
  */
-export const RECEIVE_BUFFER_SIZE = 256 * 1024;
+export const RECEIVE_BUFFER_SIZE = 1024 * 1024;
 
 /**
  * WRITE payloads at least this long are passed to a device with `writev` as slices of the
  * receive buffers, which stay out of reuse until the request ends. Shorter ones are
- * copied into a pooled buffer, because holding a 256 KiB receive buffer for a 4 KiB
+ * copied into a pooled buffer, because holding a 1 MiB receive buffer for a 4 KiB
  * payload would let a queue of small writes pin far more memory than their bytes, unless
  * the device is `nonBlocking` (memory): it is done with them before the next read.
  */
@@ -303,7 +305,7 @@ export class NbdSession implements ExportSession {
    * its unused tail while at least ZERO_COPY_MINIMUM is left, else a fresh buffer (a held
    * one goes back to the pool when its last holder releases it). Filling the tail first
    * keeps memory near the bytes held: a peer that sends a payload a few bytes per read
-   * must not make every read pin a new 256 KiB buffer.
+   * must not make every read pin a new receive buffer.
    */
   #nextReceiveBuffer(): Buffer {
     const cur = this.#rx;
@@ -725,8 +727,8 @@ export class NbdSession implements ExportSession {
   /**
    * Whether a WRITE payload of `length` bytes may stay in the receive buffers (lent mode).
    * Held buffers are bounded by the in-flight byte budget: a slow device completing out
-   * of order could otherwise keep one 256 KiB buffer per 64 KiB payload in flight (and
-   * two for a payload straddling buffers), up to 8x the budget. Past the bound, payloads
+   * of order could otherwise keep one receive buffer per 64 KiB payload in flight (and
+   * two for a payload straddling buffers), up to 32x the budget. Past the bound, payloads
    * are copied into the pool like small ones, which the budget itself bounds.
    */
   #mayHold(length: number, nonBlocking: boolean): boolean {
