@@ -938,10 +938,7 @@ export class NbdSession implements ExportSession {
   async #read(h: RequestHeader): Promise<Reply> {
     const dev = this.#device!;
     const len = h.length;
-    const prefix =
-      this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
-      : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
-      : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
+    const prefix = this.#readHeaderSize();
     const sparse =
       this.#mode !== MODE.SIMPLE &&
       dev.capabilities.extents &&
@@ -1128,34 +1125,37 @@ export class NbdSession implements ExportSession {
     if (payload.length > 0) this.#send(payload);
   }
 
+  /** Bytes in front of the data of a READ answered in one piece: a simple reply, or an OFFSET_DATA chunk header and its offset. */
+  #readHeaderSize(): number {
+    return this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
+      : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
+      : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
+  }
+
+  /** Writes the #readHeaderSize() bytes in front of a READ's whole data: success, the data follows. */
+  #writeReadHeader(buf: Buffer, h: RequestHeader): void {
+    if (this.#mode === MODE.SIMPLE) writeSimpleReply(buf, 0, 0, h.cookie);
+    else this.#writeDataHeader(buf, h, DONE, h.offset, h.length);
+  }
+
   /** A whole READ as one data reply whose data are the device's own views (one writev with the header). */
   #replyViews(h: RequestHeader, views: readonly Buffer[]): void {
     if (this.#closed) return;
-    let head: Buffer;
-    if (this.#mode === MODE.SIMPLE) {
-      head = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
-      writeSimpleReply(head, 0, 0, h.cookie);
-    } else {
-      head = Buffer.allocUnsafe((this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REPLY_HEADER : NBD_SIZE.STRUCTURED_REPLY_HEADER) + 8);
-      this.#writeDataHeader(head, h, DONE, h.offset, h.length);
-    }
+    const head = Buffer.allocUnsafe(this.#readHeaderSize());
+    this.#writeReadHeader(head, h);
     this.#send(head);
     for (const v of views) this.#send(v);
   }
 
   #replyRead(h: RequestHeader, r: ReadResult): void {
     const { buf, prefix, owner } = r;
-    if (this.#mode === MODE.SIMPLE) {
-      writeSimpleReply(buf, 0, 0, h.cookie);
-      return this.#send(buf, owner);
-    }
-    if (r.zeroRuns === null || h.length === 0) {
+    if (this.#mode !== MODE.SIMPLE && h.length === 0) {
       // A zero-length READ still needs a final chunk, and never a simple reply.
-      if (h.length === 0) {
-        this.#host.pool.put(owner);
-        return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
-      }
-      this.#writeDataHeader(buf, h, DONE, h.offset, h.length);
+      this.#host.pool.put(owner);
+      return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
+    }
+    if (this.#mode === MODE.SIMPLE || r.zeroRuns === null) {
+      this.#writeReadHeader(buf, h);
       return this.#send(buf, owner);
     }
     // Sparse: data chunks for the data, hole chunks for zero runs, the last one DONE.

@@ -589,6 +589,17 @@ describe('backpressure', () => {
 });
 
 describe('write-side backpressure', () => {
+  /** Lets the paused client read again, and checks that every READ of `len` bytes is answered and ran once. */
+  async function readAllReplies(c: RawClient, dev: GatedDevice, n: number, len: number): Promise<void> {
+    c.socket.resume();
+    for (let i = 0; i < n; i++) {
+      const r = await c.reply();
+      assert.equal(r.h.error, 0);
+      await c.read(len);
+    }
+    assert.equal(dev.calls.get('read'), n);
+  }
+
   test('a client that does not read its replies makes the server stop reading requests, until it reads again', async () => {
     const dev = new GatedDevice(new MemoryDevice({ size: 64 * 2 ** 20 }));
     const s = await serveExports([new Export({ name: 'd', device: dev })], { maxInFlightBytes: 2 ** 20 });
@@ -607,13 +618,7 @@ describe('write-side backpressure', () => {
         await sleep(100);
       }
       assert.ok(last < N / 4, `the server started ${last} of ${N} reads while the client read nothing`);
-      c.socket.resume();
-      for (let i = 0; i < N; i++) {
-        const r = await c.reply();
-        assert.equal(r.h.error, 0);
-        await c.read(LEN);
-      }
-      assert.equal(dev.calls.get('read'), N);
+      await readAllReplies(c, dev, N, LEN);
       c.close();
     } finally {
       await s.close();
@@ -640,13 +645,7 @@ describe('write-side backpressure', () => {
       const started = dev.calls.get('read') ?? 0;
       assert.ok(started < N / 4, `the server started ${started} reads while the client read nothing`);
       for (sent++; sent < N; sent++) c.write(encodeRequest(0, C.NBD_CMD_READ, BigInt(sent), (sent % 64) * 2 ** 20, LEN));
-      c.socket.resume();
-      for (let i = 0; i < N; i++) {
-        const r = await c.reply();
-        assert.equal(r.h.error, 0);
-        await c.read(LEN);
-      }
-      assert.equal(dev.calls.get('read'), N);
+      await readAllReplies(c, dev, N, LEN);
     } finally {
       // Also on failure: a paused client socket left open would keep the test process alive.
       c.socket.destroy();
