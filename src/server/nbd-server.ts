@@ -133,7 +133,15 @@ export class NbdServer implements SessionHost {
       socket.destroy();
       return;
     }
-    const session = new NbdSession(socket, this);
+    let session: NbdSession;
+    try {
+      session = new NbdSession(socket, this);
+    } catch (err) {
+      // A connection that cannot be set up is dropped; the server goes on serving the others.
+      this.logger.error({ err }, 'could not start a session');
+      socket.destroy();
+      return;
+    }
     this.#sessions.add(session);
   }
 

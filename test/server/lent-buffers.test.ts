@@ -16,6 +16,7 @@ import { RECEIVE_BUFFER_SIZE, ZERO_COPY_MINIMUM } from '../../src/server/nbd-ses
 import { NBD_CMD } from '../../src/nbd/constants.js';
 import { encodeRequest } from '../../src/nbd/codec.js';
 import { connect, pattern, readData, serveExports } from './helpers.js';
+import { RawClient } from '../helpers/raw-client.js';
 
 /** True if every piece is a view of a session receive buffer (zero copy), not of a pooled copy. */
 function inReceiveBuffers(pieces: readonly Buffer[]): boolean {
@@ -223,6 +224,27 @@ describe('a session reading into lent buffers', () => {
       assert.ok(receiveBuffers - before <= 2, `${receiveBuffers - before} receive buffers for ${LEN / PIECE} pieces`);
       c.request(0, NBD_CMD.NBD_CMD_READ, 2n, 4096, LEN);
       assert.ok((await readData(c, 2n, 4096, LEN, 'simple')).equals(data));
+      c.close();
+    } finally {
+      pool.get = get;
+      await s.close();
+    }
+  });
+
+  test('a connection whose session cannot start is dropped, and the server goes on serving', async () => {
+    const s = await serveExports([new Export({ name: 'd', device: new MemoryDevice({ size: 2 ** 20 }) })]);
+    const pool = s.server.pool;
+    const get = pool.get.bind(pool);
+    try {
+      pool.get = () => {
+        throw new Error('no buffer for you');
+      };
+      const dropped = await RawClient.connect(s.socket);
+      assert.equal(await dropped.closedByServer(), true);
+      pool.get = get;
+      const c = await connect(s.socket, 'simple', 'd');
+      c.request(0, NBD_CMD.NBD_CMD_READ, 1n, 0, 512);
+      assert.ok((await readData(c, 1n, 0, 512, 'simple')).equals(Buffer.alloc(512)));
       c.close();
     } finally {
       pool.get = get;
