@@ -29,13 +29,13 @@ export {
   cowFilter,
   COW_BLOCK_SIZE,
   FILTERS,
-  defaultRegistry,
-  createStack,
 } from './filters/index.js';
 export type { WritebackOptions, ErrorOptions, CowOptions } from './filters/index.js';
 export * from './nbd/constants.js';
-export { Export, NbdServer, NbdSession, DEFAULT_LIMITS } from './server/index.js';
-export type { ExportOptions, ServerLimits, NbdServerOptions, ListenAddress, SessionStatus } from './server/index.js';
+export { Export, defaultRegistry, createStack } from './export/index.js';
+export type { ExportOptions, SessionStatus } from './export/index.js';
+export { NbdServer, NbdSession, DEFAULT_LIMITS } from './nbd/index.js';
+export type { ServerLimits, NbdServerOptions, ListenAddress } from './nbd/index.js';
 export * from './gate/index.js';
 export * from './ggate/index.js';
 export {
@@ -45,8 +45,8 @@ export {
   DEFAULT_GATE_CONCURRENCY,
   DEFAULT_GATE_BUFFER_SIZE,
   MAX_GATE_CONCURRENCY,
-} from './client/gate-handler.js';
-export type { GateCalls, GateHandler, ServeGateOptions, ServeGateResult, ServeGateEvent, Versioned } from './client/gate-handler.js';
+} from './gate/handler.js';
+export type { GateCalls, GateHandler, ServeGateOptions, ServeGateResult, ServeGateEvent, Versioned } from './gate/handler.js';
 export {
   ControlServer,
   startControlServer,
@@ -54,10 +54,10 @@ export {
   CONTROL_SOCKET_MODE,
   CONTROL_DIR_MODE,
   CONTROL_CLOSE_GRACE_MS,
-} from './server/control-server.js';
-export type { ControlServerOptions, ControlHandle, StartControlOptions } from './server/control-server.js';
-export { GateService, GateExport, GateExportDevice } from './server/control-gates.js';
-export type { StatusReport, ExportStatus } from './server/control-gates.js';
-export { CONTROL, CONTROL_OP } from './server/control-protocol.js';
-export { serveGgatec, connectGgatec, GGATEC } from './client/ggatec.js';
-export type { GgatecOptions, GgatecResult, GgatecEvent, GgatecTarget } from './client/ggatec.js';
+} from './gate/control/server.js';
+export type { ControlServerOptions, ControlHandle, StartControlOptions } from './gate/control/server.js';
+export { GateService, GateExport, GateExportDevice } from './gate/control/gates.js';
+export type { StatusReport, ExportStatus } from './gate/control/gates.js';
+export { CONTROL, CONTROL_OP } from './gate/control/protocol.js';
+export { serveGgatec, connectGgatec, GGATEC } from './ggate/ggatec.js';
+export type { GgatecOptions, GgatecResult, GgatecEvent, GgatecTarget } from './ggate/ggatec.js';

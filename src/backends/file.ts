@@ -39,7 +39,7 @@ import {
   settingsSchema,
   singleExtent,
   sizeSetting,
-} from './common.js';
+} from '../device/index.js';
 
 /**
  * zero() writes at most this many bytes per fs.write: 1 MiB, large enough to amortise

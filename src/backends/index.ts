@@ -5,7 +5,7 @@ import { memoryBackend } from './memory.js';
 import { nullBackend } from './null.js';
 import { patternBackend } from './pattern.js';
 
-export * from './common.js';
+
 export * from './memory.js';
 export * from './file.js';
 export * from './null.js';

@@ -29,7 +29,7 @@ import {
   readOnlyError,
   settingsSchema,
   sizeSetting,
-} from './common.js';
+} from '../device/index.js';
 
 /**
  * Allocation granule: 64 KiB. Large enough that the page index of a fully written

@@ -18,7 +18,7 @@ import {
   settingsSchema,
   singleExtent,
   sizeSetting,
-} from './common.js';
+} from '../device/index.js';
 
 /** Settings of a null device. */
 export interface NullOptions {

@@ -16,7 +16,7 @@ import {
   settingsSchema,
   singleExtent,
   sizeSetting,
-} from './common.js';
+} from '../device/index.js';
 
 const TWO_32 = 2 ** 32;
 

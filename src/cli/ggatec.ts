@@ -36,8 +36,8 @@ import { BlockError, toBlockError } from '../errors/index.js';
 import { formatSize } from '../device/index.js';
 import { GATE } from '../gate/index.js';
 import { GGATE, GGATE_SIZE } from '../ggate/index.js';
-import type { ControlClient } from '../client/control-client.js';
-import { connectGgatec, serveGgatec, type GgatecEvent, type GgatecLink, type GgatecTarget } from '../client/ggatec.js';
+import type { ControlClient } from '../gate/control/client.js';
+import { connectGgatec, serveGgatec, type GgatecEvent, type GgatecLink, type GgatecTarget } from '../ggate/ggatec.js';
 import {
   action,
   addGateAdminCommands,

@@ -27,7 +27,7 @@ import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import { parseSize, type StackDescription } from '../device/index.js';
 import { GGATE, GGATED_EXPORTS, MAX_REQUEST_LENGTH } from '../ggate/index.js';
-import { GgatedServer, loadExportsFile, lookupIPv4 } from '../server/ggated.js';
+import { GgatedServer, loadExportsFile, lookupIPv4 } from '../ggate/ggated.js';
 
 interface GgatedFlags {
   address: string;

@@ -31,14 +31,14 @@ import { BlockError } from '../errors/index.js';
 import { FileDevice } from '../backends/index.js';
 import { formatSize } from '../device/index.js';
 import { GATE } from '../gate/index.js';
-import type { ControlClient } from '../client/control-client.js';
+import type { ControlClient } from '../gate/control/client.js';
 import {
   DEFAULT_GATE_CONCURRENCY,
   MAX_GATE_CONCURRENCY,
   serveGate,
   type GateHandler,
   type ServeGateEvent,
-} from '../client/gate-handler.js';
+} from '../gate/handler.js';
 import {
   action,
   addGateAdminCommands,

@@ -18,9 +18,10 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { shutdownSignal, stderrLogger } from './daemon.js';
 import { missingV8Flags } from './v8-flags.js';
-import { createStack } from '../filters/registry.js';
-import { Export, NbdServer, type ListenAddress } from '../server/index.js';
-import { startControlServer } from '../server/control-server.js';
+import { createStack } from '../export/registry.js';
+import { NbdServer, type ListenAddress } from '../nbd/index.js';
+import { Export } from '../export/index.js';
+import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
 import { newStackContext, type LayerDescription } from '../device/index.js';
 import {

@@ -11,9 +11,9 @@
 import { Command } from 'commander';
 import { toBlockError } from '../errors/index.js';
 import { formatSize } from '../device/index.js';
-import { connectControl } from '../client/control-client.js';
-import { defaultControlPath } from '../server/control-protocol.js';
-import type { ExportStatus, StatusReport } from '../server/control-gates.js';
+import { connectControl } from '../gate/control/client.js';
+import { defaultControlPath } from '../gate/control/protocol.js';
+import type { ExportStatus, StatusReport } from '../gate/control/gates.js';
 import { formatGateVerbose } from './ggatel.js';
 
 function errseqText(e: ExportStatus['errseq']): string {

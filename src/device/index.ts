@@ -3,3 +3,5 @@ export * from './validate.js';
 export * from './filter.js';
 export * from './size.js';
 export * from './stack.js';
+export * from './settings.js';
+export * from './defaults.js';

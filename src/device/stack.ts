@@ -10,6 +10,12 @@ import type { BlockDevice } from './types.js';
  */
 export interface StackContext {
   readonly errseq: ErrSeq;
+  /**
+   * The registry the stack is being built with. `buildStack` sets it for every layer it
+   * makes, so a layer that builds a stack of its own (cow's upper store) uses the same
+   * backends and filters without importing a registry (which would import it back).
+   */
+  readonly registry?: StackRegistry;
 }
 
 /** A fresh context, for stacks built outside an export (tests, tools). */
@@ -67,7 +73,8 @@ export async function buildStack(
       `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`,
     );
   }
-  let dev = await makeBackend(desc.backend, ctx);
+  const layerCtx: StackContext = { ...ctx, registry };
+  let dev = await makeBackend(desc.backend, layerCtx);
   const filters = desc.filters ?? [];
   try {
     for (let i = filters.length - 1; i >= 0; i--) {
@@ -76,7 +83,7 @@ export async function buildStack(
       if (!makeFilter) {
         throw new BlockError('EINVAL', `unknown filter '${f.type}' (known: ${[...registry.filters.keys()].join(', ')})`);
       }
-      dev = await makeFilter(dev, f, ctx);
+      dev = await makeFilter(dev, f, layerCtx);
     }
   } catch (e) {
     await dev.close().catch(() => undefined);

@@ -40,10 +40,10 @@ import * as path from 'node:path';
 import * as v from 'valibot';
 import { FilterDevice } from '../device/filter.js';
 import { EXTENT, REQ, type BlockDevice, type BlockSize, type Capabilities, type Extent } from '../device/types.js';
-import type { LayerDescription, StackContext } from '../device/stack.js';
+import { buildStack, type LayerDescription, type StackContext } from '../device/stack.js';
 import { BlockError, codeFromLinux, toBlockError } from '../errors/index.js';
 import { ErrSeq } from '../errseq/index.js';
-import { booleanSetting, closedError, parseSettings, settingsSchema } from '../backends/common.js';
+import { booleanSetting, closedError, parseSettings, settingsSchema } from '../device/index.js';
 
 /** Allocation granule of the upper store: 64 KiB, as nbdkit's cow filter. */
 export const COW_BLOCK_SIZE = 64 * 1024;
@@ -501,8 +501,10 @@ const cowSettings = settingsSchema({
  * Filter factory: `{ type: 'cow', upper?: 'memory' | 'file', dir?, volatile?, upperFilters? }`.
  * The upper store gets its own ErrSeq, shared by its own filters.
  */
-export async function cowFilter(next: BlockDevice, desc: LayerDescription, _ctx: StackContext): Promise<CowFilter> {
+export async function cowFilter(next: BlockDevice, desc: LayerDescription, ctx: StackContext): Promise<CowFilter> {
   const s = parseSettings('cow', cowSettings, desc);
+  const registry = ctx.registry;
+  if (!registry) throw new BlockError('EINVAL', 'cow: the upper store needs a stack registry (build cow with buildStack)');
   if (s.dir !== undefined && s.upper !== 'file') throw new BlockError('EINVAL', `cow: dir: only used with upper: 'file'`);
   let tmp: string | undefined;
   let backend: LayerDescription = { type: 'memory', size: next.size };
@@ -519,9 +521,7 @@ export async function cowFilter(next: BlockDevice, desc: LayerDescription, _ctx:
   const upperErrseq = new ErrSeq();
   let upper: BlockDevice;
   try {
-    // Imported here: the registry imports this module to list it.
-    const { createStack } = await import('./registry.js');
-    upper = await createStack({ backend, filters: (s.upperFilters ?? []) as LayerDescription[] }, { errseq: upperErrseq });
+    upper = await buildStack({ backend, filters: (s.upperFilters ?? []) as LayerDescription[] }, registry, { errseq: upperErrseq });
   } catch (e) {
     cleanup?.();
     const b = toBlockError(e);

@@ -23,7 +23,7 @@ import { FilterDevice } from '../device/filter.js';
 import type { BlockDevice, Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError, ERRNO, type ErrnoCode } from '../errors/index.js';
-import { parseSettings, settingsSchema, sizeSetting } from '../backends/common.js';
+import { parseSettings, settingsSchema, sizeSetting } from '../device/index.js';
 import { REQ_WRITEBACK } from './writeback.js';
 
 /** The operations a failure can be injected into. */

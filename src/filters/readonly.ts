@@ -6,7 +6,7 @@
 import { FilterDevice } from '../device/filter.js';
 import type { BlockDevice, Capabilities } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
-import { parseSettings, readOnlyCapabilities, readOnlyError, settingsSchema } from '../backends/common.js';
+import { parseSettings, readOnlyCapabilities, readOnlyError, settingsSchema } from '../device/index.js';
 
 /** A read-only view of `next`. */
 export class ReadonlyFilter extends FilterDevice {

@@ -43,7 +43,7 @@ import { FilterDevice } from '../device/filter.js';
 import { EXTENT, REQ, type BlockDevice, type Capabilities, type Extent } from '../device/types.js';
 import type { LayerDescription, StackContext } from '../device/stack.js';
 import { BlockError, toBlockError } from '../errors/index.js';
-import { closedError, parseSettings, readOnlyError, settingsSchema, sizeSetting } from '../backends/common.js';
+import { closedError, parseSettings, readOnlyError, settingsSchema, sizeSetting } from '../device/index.js';
 
 /**
  * Request flag on the write(), zero() and trim() calls that a writeback filter makes

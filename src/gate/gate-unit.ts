@@ -1,7 +1,7 @@
 import { BlockError, type ErrnoCode } from '../errors/index.js';
 import type { GateClock, GateTimer } from './clock.js';
 import { GATE_FLAG, GUARD_CHECKS_PER_TIMEOUT, GUARD_MAX_PERIOD_MS, type GateCommand } from './constants.js';
-import { Deque } from './deque.js';
+import { Deque } from '../io/deque.js';
 
 /** `start` handed the handler a request: do it, then call `done` with its `seq`. */
 export interface GateStartRequest {

@@ -5,16 +5,19 @@ import os from 'node:os';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { EXTENT, REQ } from '../../src/device/types.js';
-import { newStackContext } from '../../src/device/stack.js';
+import { newStackContext as bareContext, type StackContext } from '../../src/device/stack.js';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { FileDevice } from '../../src/backends/file.js';
 import { ErrSeq } from '../../src/errseq/index.js';
 import fc from 'fast-check';
 import { BlockMap, COW_BLOCK_SIZE, CowFilter, cowFilter, type CowBlockState } from '../../src/filters/cow.js';
 import { WritebackFilter } from '../../src/filters/writeback.js';
-import { createStack } from '../../src/filters/registry.js';
+import { createStack, defaultRegistry } from '../../src/export/registry.js';
 import { runContract } from '../backends/contract.js';
 import { RecordingDevice } from './recording.js';
+
+/** A context as buildStack hands it to a layer: the errseq and the registry (cow builds its upper store with it). */
+const newStackContext = (): StackContext => ({ ...bareContext(), registry: defaultRegistry });
 
 const SIZE = 2 ** 20 + 77;
 const B = COW_BLOCK_SIZE;
@@ -348,6 +351,10 @@ describe('cow filter', () => {
   });
 
   describe('factory', () => {
+    test('without a stack registry in its context, cow refuses with EINVAL instead of importing one', async () => {
+      await assert.rejects(cowFilter(await base(), { type: 'cow' }, bareContext()), { code: 'EINVAL', message: /needs a stack registry/ });
+    });
+
     test('memory upper by default, of the base size, with its own ErrSeq', async () => {
       const ctx = newStackContext();
       const dev = (await cowFilter(await base(), { type: 'cow' }, ctx)) as CowFilter;

@@ -17,7 +17,7 @@ import {
   writebackFilter,
   type WritebackOptions,
 } from '../../src/filters/writeback.js';
-import { createStack } from '../../src/filters/registry.js';
+import { createStack } from '../../src/export/registry.js';
 import { runContract } from '../backends/contract.js';
 import { RecordingDevice, settle, track } from './recording.js';
 

@@ -6,7 +6,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { StackDescription } from '../../src/device/index.js';
-import { NbdServer, type Export, type ServerLimits } from '../../src/server/index.js';
+import { NbdServer, type ServerLimits } from '../../src/nbd/index.js';
+import { type Export } from '../../src/export/index.js';
 import { buildExports, nbdUri } from '../../src/cli/serve.js';
 
 export interface TestExport extends StackDescription {

@@ -25,7 +25,7 @@ import path from 'node:path';
 import { nbdsh, run, type RunResult } from '../helpers/run.js';
 import { startServer, type CaptiveServer, type TestExport } from '../helpers/server.js';
 import type { LayerDescription } from '../../src/device/stack.js';
-import type { Export } from '../../src/server/index.js';
+import type { Export } from '../../src/export/index.js';
 
 const SIZE = '64M';
 const SIZE_BYTES = 64 * 2 ** 20;

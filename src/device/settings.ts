@@ -1,0 +1,52 @@
+/**
+ * Layer settings: valibot schemas for the setting kinds layers share, and the one parse
+ * function that names the layer and the offending key.
+ */
+import * as v from 'valibot';
+import { BlockError } from '../errors/index.js';
+import { parseSize } from './size.js';
+
+/**
+ * A size setting: a number of bytes or a string such as "1G" (see parseSize). The
+ * parse error becomes a valibot issue so that it is reported with the key's name.
+ */
+export const sizeSetting = v.pipe(
+  v.union([v.number(), v.string()], (issue) => `expected a size (a number or a string like "1G"), got ${issue.received}`),
+  v.rawTransform<number | string, number>(({ dataset, addIssue, NEVER }) => {
+    try {
+      return parseSize(dataset.value);
+    } catch (e) {
+      addIssue({ message: (e as Error).message });
+      return NEVER;
+    }
+  }),
+);
+
+/** An optional boolean setting. */
+export const booleanSetting = v.optional(v.boolean((issue) => `expected true or false, got ${issue.received}`));
+
+/**
+ * A layer's settings object: the given entries plus `type`, any other key rejected
+ * (a typo in a config file should fail loudly, not be ignored).
+ */
+export function settingsSchema<const E extends v.ObjectEntries>(entries: E) {
+  const all = { type: v.string(), ...entries };
+  const known = Object.keys(all).join(', ');
+  return v.strictObject(all, (issue) => {
+    if (issue.expected === 'never') return `unknown setting (known: ${known})`;
+    if (issue.expected === 'Object') return `expected a settings object, got ${issue.received}`;
+    return 'required setting is missing';
+  });
+}
+
+/**
+ * Validates `desc` against `schema`; on failure throws BlockError EINVAL whose message
+ * names the layer and the bad key, e.g. "memory: size: invalid size 'x' (...)".
+ */
+export function parseSettings<S extends v.GenericSchema>(layer: string, schema: S, desc: unknown): v.InferOutput<S> {
+  const result = v.safeParse(schema, desc);
+  if (result.success) return result.output;
+  const issue = result.issues[0];
+  const where = v.getDotPath(issue) ?? '(settings)';
+  throw new BlockError('EINVAL', `${layer}: ${where}: ${issue.message}`);
+}

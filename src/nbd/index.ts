@@ -1,0 +1,3 @@
+export * from './limits.js';
+export * from './server.js';
+export * from './session.js';

@@ -1,0 +1,170 @@
+/**
+ * The NBD server: listeners (TCP, IPv4 and IPv6, and unix sockets), the export table,
+ * and graceful shutdown. Each accepted connection becomes an {@link NbdSession}.
+ */
+import net from 'node:net';
+import fs from 'node:fs';
+import pino, { type Logger } from 'pino';
+import { BlockError } from '../errors/index.js';
+import type { Export, ExportTable } from '../export/export.js';
+import { DEFAULT_LIMITS, validateLimits, type ServerLimits } from './limits.js';
+import { NbdSession, type SessionHost } from './session.js';
+import { BufferPool } from '../io/buffer-pool.js';
+import { closeListeners, drainSessions } from '../io/drain.js';
+
+/** Where to listen. */
+export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
+
+export interface NbdServerOptions {
+  /** The exports; names must be unique. */
+  readonly exports: readonly Export[];
+  /** The export a client gets when it asks for the name ''. Default: the first export. */
+  readonly defaultExport?: string;
+  /** Logger (pino). Default: silent. */
+  readonly logger?: Logger;
+  /** Limits; missing keys take {@link DEFAULT_LIMITS}. */
+  readonly limits?: Partial<ServerLimits>;
+}
+
+export class NbdServer implements SessionHost, ExportTable {
+  readonly limits: ServerLimits;
+  readonly logger: Logger;
+  readonly pool = new BufferPool();
+  readonly #exports = new Map<string, Export>();
+  readonly #defaultName: string;
+  readonly #servers: net.Server[] = [];
+  readonly #sessions = new Set<NbdSession>();
+  readonly #unixPaths: string[] = [];
+  #shuttingDown = false;
+  #drained: (() => void) | null = null;
+  #closing: Promise<void> | null = null;
+
+  constructor(opts: NbdServerOptions) {
+    this.limits = validateLimits({ ...DEFAULT_LIMITS, ...opts.limits });
+    this.logger = opts.logger ?? pino({ level: 'silent' });
+    for (const e of opts.exports) {
+      if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `duplicate export name '${e.name}'`);
+      this.#exports.set(e.name, e);
+    }
+    const first = opts.exports[0];
+    if (!first) throw new BlockError('EINVAL', 'at least one export is needed');
+    this.#defaultName = opts.defaultExport ?? first.name;
+    if (!this.#exports.has(this.#defaultName)) {
+      throw new BlockError('EINVAL', `default export '${this.#defaultName}' does not exist`);
+    }
+  }
+
+  get shuttingDown(): boolean {
+    return this.#shuttingDown;
+  }
+
+  findExport(name: string): Export | undefined {
+    return this.#exports.get(name) ?? (name === '' ? this.#exports.get(this.#defaultName) : undefined);
+  }
+
+  listExports(): readonly Export[] {
+    return [...this.#exports.values()];
+  }
+
+  /**
+   * Adds an export while the server runs (a gate appearing as `ggate<unit>`). New
+   * handshakes see it at once. EEXIST if the name is taken.
+   */
+  addExport(exp: Export): void {
+    if (this.#exports.has(exp.name)) throw new BlockError('EEXIST', `an export named '${exp.name}' exists`);
+    this.#exports.set(exp.name, exp);
+  }
+
+  /**
+   * Removes an export so no new client can select it. With sessions attached it fails
+   * EBUSY unless `force`; forced, those sessions stay connected to the Export object and
+   * their requests get whatever its device answers (a destroyed gate: EIO). ENOENT if
+   * there is no such export. Its device is not closed here.
+   */
+  removeExport(name: string, opts: { readonly force?: boolean } = {}): Export {
+    const exp = this.#exports.get(name);
+    if (!exp) throw new BlockError('ENOENT', `no export named '${name}'`);
+    if (exp.sessionCount > 0 && opts.force !== true) {
+      throw new BlockError('EBUSY', `export '${name}' has ${exp.sessionCount} session(s) attached`);
+    }
+    this.#exports.delete(name);
+    return exp;
+  }
+
+  /** Open sessions. */
+  get sessionCount(): number {
+    return this.#sessions.size;
+  }
+
+  sessionClosed(session: NbdSession): void {
+    this.#sessions.delete(session);
+    if (this.#sessions.size === 0 && this.#drained) this.#drained();
+  }
+
+  /** Starts listening; resolves with the bound address (port chosen by the OS if 0). */
+  async listen(addr: ListenAddress): Promise<ListenAddress> {
+    // Paused, so that a session can switch the socket to lent receive buffers before the first read.
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket));
+    server.on('error', (err) => this.logger.error({ err }, 'listener error'));
+    if ('path' in addr) {
+      // A stale socket file from a killed server would make listen fail with EADDRINUSE.
+      try {
+        if (fs.statSync(addr.path).isSocket()) fs.unlinkSync(addr.path);
+      } catch {
+        // absent: fine
+      }
+    }
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      if ('path' in addr) server.listen(addr.path, () => resolve());
+      else server.listen({ host: addr.host, port: addr.port, ipv6Only: addr.host.includes(':') }, () => resolve());
+    });
+    this.#servers.push(server);
+    if ('path' in addr) {
+      this.#unixPaths.push(addr.path);
+      return addr;
+    }
+    const a = server.address() as net.AddressInfo;
+    return { host: a.address, port: a.port };
+  }
+
+  #accept(socket: net.Socket): void {
+    if (this.#shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    let session: NbdSession;
+    try {
+      session = new NbdSession(socket, this);
+    } catch (err) {
+      // A connection that cannot be set up is dropped; the server goes on serving the others.
+      this.logger.error({ err }, 'could not start a session');
+      socket.destroy();
+      return;
+    }
+    this.#sessions.add(session);
+  }
+
+  /**
+   * Graceful shutdown: stop accepting; sessions in the handshake are closed, sessions in
+   * transmission finish their in-flight requests (new ones get ESHUTDOWN) and close. After
+   * `graceMs` the remaining connections are cut. Exports' devices are not closed here.
+   */
+  close(graceMs = 10_000): Promise<void> {
+    // One shutdown however many callers ask: a second call waits for the same one.
+    return (this.#closing ??= this.#close(graceMs));
+  }
+
+  async #close(graceMs: number): Promise<void> {
+    if (!this.#shuttingDown) {
+      this.#shuttingDown = true;
+      for (const s of this.#servers) s.close();
+      for (const p of this.#unixPaths) fs.rmSync(p, { force: true });
+    }
+    if (this.#sessions.size > 0) {
+      const drained = new Promise<void>((resolve) => (this.#drained = resolve));
+      await drainSessions(this.#sessions, graceMs, drained);
+    }
+    await closeListeners(this.#servers);
+  }
+}
