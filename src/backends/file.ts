@@ -16,11 +16,20 @@
  * - zero() writes zeroes in ZERO_CHUNK_SIZE chunks from one shared zero buffer, and
  *   zero() with FAST_ZERO fails EOPNOTSUPP at once (capability fastZero: false), as the
  *   NBD spec asks of a server that cannot zero faster than writing;
+ * - cache() is a bounded readahead hint: Node has no posix_fadvise(WILLNEED), so it
+ *   reads the first CACHE_READAHEAD_MAX bytes of the range and drops them;
  * - trim() is a hint that succeeds and does nothing (contents after a trim are
  *   unspecified, so keeping them is correct); capability trim stays true;
  * - extents() reports one data extent (capability extents: false).
  * A later change may add a small native helper (koffi or fs-native-extensions) for
  * punch-hole, ZERO_RANGE and SEEK_DATA, keeping these as the fallback.
+ *
+ * Inline or thread pool is decided once per request, by the bytes the whole request
+ * moves (see INLINE_IO_MAX), never per chunk: a 1 GiB WRITE_ZEROES cut into 1 MiB
+ * chunks that each went inline held the event loop for the whole gibibyte (issue 11),
+ * because awaiting an already-settled promise only runs microtasks and never lets the
+ * loop turn. A request above INLINE_IO_MAX goes through the thread pool chunk by chunk,
+ * so the loop turns between chunks and does no synchronous I/O for it at all.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -52,6 +61,16 @@ export const ZERO_CHUNK_SIZE = 2 ** 20;
  * prefetch request never allocates in proportion to its length.
  */
 export const CACHE_CHUNK_SIZE = 2 ** 20;
+
+/**
+ * Most bytes one cache() reads: 4 MiB from the start of the range. CACHE is only a hint,
+ * and without posix_fadvise the only way to give it is to read, which costs as much as a
+ * real read: a client could otherwise keep a thread-pool worker (or, inline, the event
+ * loop) busy for seconds with one 28-byte request for a gibibyte. A few MiB is of the
+ * order of the kernel's own largest readahead window; a client streaming through the
+ * device sends the next CACHE as it gets there.
+ */
+export const CACHE_READAHEAD_MAX = 4 * 2 ** 20;
 
 /** The unit of /sys/class/block/<dev>/size (always 512-byte sectors on Linux). */
 export const SYSFS_SECTOR_SIZE = 512;
@@ -179,7 +198,10 @@ export const TMPFS_MAGIC = 0x01021994;
  * Largest request done with synchronous I/O on a RAM-backed file: 1 MiB. On tmpfs a
  * 1 MiB copy takes tens of microseconds, less than a round trip through the thread pool,
  * and the profile of 4 KiB random I/O was dominated by that round trip
- * (docs/PERFORMANCE.md). Larger requests still go through the thread pool.
+ * (docs/PERFORMANCE.md). Larger requests still go through the thread pool, so this is
+ * also the most synchronous I/O one request does in one event-loop turn. It bounds the
+ * bytes of the whole request (for zero() the range, for cache() the readahead), not of
+ * one chunk of it.
  */
 export const INLINE_IO_MAX = 1024 * 1024;
 
@@ -289,7 +311,7 @@ export class FileDevice implements BlockDevice {
       let pieces = data.filter((b) => b.length > 0);
       let at = offset;
       const total = pieces.reduce((t, b) => t + b.length, 0);
-      const inline = this.nonBlocking && total <= INLINE_IO_MAX;
+      const inline = this.#inlineFor(total);
       while (pieces.length > 0) {
         let n: number;
         try {
@@ -333,8 +355,9 @@ export class FileDevice implements BlockDevice {
         throw new BlockError('EOPNOTSUPP', 'zero: the file backend cannot zero faster than writing zeroes');
       }
       const end = offset + length;
+      const inline = this.#inlineFor(length);
       for (let pos = offset; pos < end; pos += ZERO_CHUNK_SIZE) {
-        await this.#writeFully(ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK_SIZE, end - pos)), pos);
+        await this.#writeFully(ZERO_CHUNK.subarray(0, Math.min(ZERO_CHUNK_SIZE, end - pos)), pos, inline);
       }
       if (flags & REQ.FUA) await this.#sync('zero');
     });
@@ -345,13 +368,18 @@ export class FileDevice implements BlockDevice {
     return this.#run('extents', async () => singleExtent(offset, length, this.size, 0));
   }
 
-  /** Prefetches into the page cache by reading the range through a bounded scratch buffer. */
+  /**
+   * A readahead hint: reads the first CACHE_READAHEAD_MAX bytes of the range (into the
+   * page cache) through a bounded scratch buffer, and ignores the rest.
+   */
   cache(offset: number, length: number, _flags: number): Promise<void> {
     return this.#run('cache', async () => {
-      const scratch = Buffer.allocUnsafe(Math.min(CACHE_CHUNK_SIZE, length));
-      const end = offset + length;
+      const ahead = Math.min(length, CACHE_READAHEAD_MAX);
+      const scratch = Buffer.allocUnsafe(Math.min(CACHE_CHUNK_SIZE, ahead));
+      const end = offset + ahead;
+      const inline = this.#inlineFor(ahead);
       for (let pos = offset; pos < end; pos += CACHE_CHUNK_SIZE) {
-        await this.#readFully(scratch.subarray(0, Math.min(CACHE_CHUNK_SIZE, end - pos)), pos);
+        await this.#readFully(scratch.subarray(0, Math.min(CACHE_CHUNK_SIZE, end - pos)), pos, inline);
       }
     });
   }
@@ -388,9 +416,14 @@ export class FileDevice implements BlockDevice {
     return this.#run(op, fn);
   }
 
-  async #readFully(buf: Buffer, offset: number): Promise<void> {
+  /** Whether a request moving `bytes` in all is done inline (see INLINE_IO_MAX). */
+  #inlineFor(bytes: number): boolean {
+    return this.nonBlocking && bytes <= INLINE_IO_MAX;
+  }
+
+  /** Reads all of `buf`; `inline` is decided by the caller for the whole request. */
+  async #readFully(buf: Buffer, offset: number, inline = this.#inlineFor(buf.length)): Promise<void> {
     let done = 0;
-    const inline = this.nonBlocking && buf.length <= INLINE_IO_MAX;
     while (done < buf.length) {
       let n: number;
       try {
@@ -409,9 +442,9 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  async #writeFully(data: Buffer, offset: number): Promise<void> {
+  /** Writes all of `data`; `inline` is decided by the caller for the whole request. */
+  async #writeFully(data: Buffer, offset: number, inline = this.#inlineFor(data.length)): Promise<void> {
     let done = 0;
-    const inline = this.nonBlocking && data.length <= INLINE_IO_MAX;
     while (done < data.length) {
       let n: number;
       try {
