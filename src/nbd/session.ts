@@ -12,8 +12,8 @@
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { BlockError, codeFromLinux, toBlockError, toNbdError } from '../errors/index.js';
-import { EXTENT, REQ, checkAlignment, validateRequest, type BlockDevice, type Extent } from '../device/index.js';
+import { BlockError, toBlockError } from '../errors/index.js';
+import { EXTENT, REQ, type BlockDevice, type Extent } from '../device/index.js';
 import {
   BASE_ALLOCATION,
   NBD_CLIENT_FLAG,
@@ -26,8 +26,10 @@ import {
   NBD_REP,
   NBD_REPLY_TYPE,
   NBD_SIZE,
+  MODE,
   commandName,
   optionName,
+  type Mode,
 } from './constants.js';
 import {
   DONE,
@@ -58,6 +60,8 @@ import {
   type RequestHeader,
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
+import { flushExport } from '../export/flush.js';
+import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
 import { lendReadBuffers } from '../io/lent-buffers.js';
@@ -123,22 +127,6 @@ const S = {
   GATHER_PAYLOAD: 8,
 } as const;
 type State = (typeof S)[keyof typeof S];
-
-/** Reply framing negotiated in the handshake. */
-const MODE = { SIMPLE: 0, STRUCTURED: 1, EXTENDED: 2 } as const;
-type Mode = (typeof MODE)[keyof typeof MODE];
-
-/** Command flags each command accepts (FUA is accepted on every command when advertised, per spec). */
-const ALLOWED_FLAGS: Record<number, number> = {
-  [NBD_CMD.NBD_CMD_READ]: NBD_CMD_FLAG.NBD_CMD_FLAG_DF,
-  [NBD_CMD.NBD_CMD_WRITE]: 0,
-  [NBD_CMD.NBD_CMD_DISC]: 0,
-  [NBD_CMD.NBD_CMD_FLUSH]: 0,
-  [NBD_CMD.NBD_CMD_TRIM]: 0,
-  [NBD_CMD.NBD_CMD_CACHE]: 0,
-  [NBD_CMD.NBD_CMD_WRITE_ZEROES]: NBD_CMD_FLAG.NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG.NBD_CMD_FLAG_FAST_ZERO,
-  [NBD_CMD.NBD_CMD_BLOCK_STATUS]: NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE,
-};
 
 /**
  * A receive buffer lent to the socket, and how many holders (payload slices of requests
@@ -227,7 +215,8 @@ export class NbdSession implements ExportSession {
   // Transmission state.
   #export: Export | null = null;
   #device: BlockDevice | null = null;
-  #tflags = 0;
+  /** What requests are validated against, set when transmission starts. */
+  #vctx: ValidationContext | null = null;
   #current: RequestHeader | null = null;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -673,7 +662,16 @@ export class NbdSession implements ExportSession {
     if (this.#metaExport !== null && this.#metaExport !== exp.name) this.#metaExport = null;
     this.#export = exp;
     this.#device = exp.device;
-    this.#tflags = flags;
+    this.#vctx = {
+      mode: this.#mode,
+      tflags: flags,
+      readOnly: exp.readOnly,
+      metaSelected: this.#metaExport !== null,
+      device: exp.device,
+      maxPayload: this.#host.limits.maxPayload,
+      shuttingDown: false,
+      hasPayload: false,
+    };
     this.cursor = exp.errseq.sample();
     exp.attach(this);
     this.#log.info({ export: exp.name, mode: this.#mode, flags }, 'transmission');
@@ -785,7 +783,10 @@ export class NbdSession implements ExportSession {
       : 0;
     const req: Request = { h, cost, owner, rx };
     this.#begin(cost);
-    const invalid = this.#validate(h, payload);
+    const ctx = this.#vctx!;
+    ctx.shuttingDown = this.#host.shuttingDown;
+    ctx.hasPayload = payload !== null;
+    const invalid = validateRequest(h, ctx);
     if (invalid) return this.#finish(req, new WireError(invalid));
     this.#run(req, payload).then(
       (result) => this.#finish(req, result),
@@ -798,65 +799,6 @@ export class NbdSession implements ExportSession {
     if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE) return STATUS_DESCRIPTOR_BYTES;
     const blocks = Math.ceil(h.length / this.#device!.blockSize.minimum);
     return Math.min(blocks, this.#host.limits.maxExtents) * STATUS_DESCRIPTOR_BYTES;
-  }
-
-  /** The one place a request is checked before it reaches the device. Returns the error, or null. */
-  #validate(h: RequestHeader, payload: Payload | null): BlockError | null {
-    const C = NBD_CMD;
-    const FL = NBD_CMD_FLAG;
-    if (this.#host.shuttingDown) return new BlockError('ESHUTDOWN', 'server is shutting down');
-    const allowed = ALLOWED_FLAGS[h.type];
-    if (allowed === undefined) return new BlockError('EINVAL', `unknown command ${h.type}`);
-    const dev = this.#device!;
-    let ok = allowed;
-    if (this.#tflags & NBD_FLAG.NBD_FLAG_SEND_FUA) ok |= FL.NBD_CMD_FLAG_FUA;
-    if (this.#mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE) ok |= FL.NBD_CMD_FLAG_PAYLOAD_LEN;
-    if (!(this.#tflags & NBD_FLAG.NBD_FLAG_SEND_DF)) ok &= ~FL.NBD_CMD_FLAG_DF;
-    if (!(this.#tflags & NBD_FLAG.NBD_FLAG_SEND_FAST_ZERO)) ok &= ~FL.NBD_CMD_FLAG_FAST_ZERO;
-    if (h.flags & ~ok) {
-      return new BlockError('EINVAL', `flags 0x${h.flags.toString(16)} are not valid for ${commandName(h.type)}`);
-    }
-    if (this.#mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE && payload === null) {
-      return new BlockError('EINVAL', 'WRITE without NBD_CMD_FLAG_PAYLOAD_LEN');
-    }
-    switch (h.type) {
-      case C.NBD_CMD_FLUSH:
-        if (h.offset !== 0 || h.length !== 0) return new BlockError('EINVAL', 'FLUSH offset and length must be 0');
-        return null;
-      case C.NBD_CMD_READ:
-        // EINVAL, as for an oversized WRITE: the spec asks for it above the advertised
-        // maximum and keeps EOVERFLOW for DF and for payload-less commands.
-        if (h.length > this.#host.limits.maxPayload) {
-          return new BlockError('EINVAL', `READ of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`);
-        }
-        break;
-      case C.NBD_CMD_TRIM:
-        if (this.#export!.readOnly) return new BlockError('EPERM', 'the export is read-only');
-        break;
-      case C.NBD_CMD_WRITE:
-      case C.NBD_CMD_WRITE_ZEROES:
-        if (this.#export!.readOnly) return new BlockError('EPERM', 'the export is read-only');
-        break;
-      case C.NBD_CMD_BLOCK_STATUS:
-        if (this.#metaExport === null) return new BlockError('EINVAL', 'no metadata context was selected (SET_META_CONTEXT)');
-        if (h.length === 0) return new BlockError('EINVAL', 'BLOCK_STATUS of length 0');
-        break;
-    }
-    const op =
-      h.type === C.NBD_CMD_READ ? 'read'
-      : h.type === C.NBD_CMD_WRITE ? 'write'
-      : h.type === C.NBD_CMD_TRIM ? 'trim'
-      : h.type === C.NBD_CMD_WRITE_ZEROES ? 'zero'
-      : h.type === C.NBD_CMD_CACHE ? 'cache'
-      : 'extents';
-    try {
-      validateRequest(dev, op, h.offset, h.length);
-      checkAlignment(dev, op, h.offset, h.length);
-    } catch (e) {
-      const be = toBlockError(e);
-      return new BlockError(be.code, `${commandName(h.type)}: ${be.message}`);
-    }
-    return null;
   }
 
   /** Runs a validated request on the device; resolves to the reply to send. */
@@ -895,29 +837,11 @@ export class NbdSession implements ExportSession {
     }
   }
 
-  /**
-   * FLUSH: the backend's flush error, else any write-back error recorded on the export
-   * since this session's cursor (errseq). A backend flush failure is also recorded, so
-   * every other session hears of it once, at its own next FLUSH; the cursor advances in
-   * both cases (Linux syncfs: `ret ? ret : ret2`).
-   */
+  /** FLUSH: the export's flush rule (src/export/flush.ts), shared with other protocols' sessions. */
   async #flush(): Promise<Reply> {
-    const exp = this.#export!;
-    let backendError: BlockError | null = null;
-    try {
-      await this.#device!.flush(0);
-    } catch (e) {
-      backendError = toBlockError(e);
-      exp.errseq.set(backendError.errno);
-    }
-    const { error, cursor } = exp.errseq.checkAndAdvance(this.cursor);
+    const { error, cursor } = await flushExport(this.#export!, this.#device!, this.cursor);
     this.cursor = cursor;
-    if (backendError) return new WireError(backendError);
-    if (error !== 0) {
-      const code = codeFromLinux(error) ?? 'EIO';
-      return new WireError(new BlockError(code, `a write-back error (${code}) happened since this connection's last flush; data may have been lost`));
-    }
-    return null;
+    return error ? new WireError(error) : null;
   }
 
   /**
@@ -1102,7 +1026,7 @@ export class NbdSession implements ExportSession {
 
   #replyError(h: RequestHeader, w: WireError): void {
     const e = w.error;
-    const errno = toNbdError(e.code);
+    const errno = nbdErrno(e, h.type, h.flags);
     if (e.code !== 'ESHUTDOWN') this.#log.debug({ cmd: commandName(h.type), code: e.code, msg: e.message }, 'request failed');
     if (this.#mode === MODE.SIMPLE) {
       const b = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
