@@ -15,15 +15,9 @@ import type { Logger } from 'pino';
 import { BlockError, toBlockError } from '../errors/index.js';
 import { EXTENT, REQ, type BlockDevice, type Extent } from '../device/index.js';
 import {
-  BASE_ALLOCATION,
-  NBD_CLIENT_FLAG,
   NBD_CMD,
   NBD_CMD_FLAG,
-  NBD_FLAG,
   NBD_HS_FLAG,
-  NBD_INFO,
-  NBD_OPT,
-  NBD_REP,
   NBD_REPLY_TYPE,
   NBD_SIZE,
   MODE,
@@ -35,23 +29,13 @@ import {
   DONE,
   decodeCompactRequest,
   decodeExtendedRequest,
-  decodeInfoRequest,
-  decodeMetaContextRequest,
   decodeOptionHeader,
   encodeBlockStatus,
   encodeBlockStatusExt,
   encodeErrorPayload,
-  encodeExportNameReply,
   encodeGreeting,
   encodeHolePayload,
-  encodeInfoBlockSize,
-  encodeInfoExport,
-  encodeInfoString,
-  encodeOptionReply,
-  encodeRepMetaContext,
-  encodeRepServer,
   errorChunkType,
-  isDecodeError,
   writeExtendedHeader,
   writeSimpleReply,
   writeStructuredHeader,
@@ -61,6 +45,7 @@ import {
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
 import { flushExport } from '../export/flush.js';
+import { BASE_ALLOCATION_ID, Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
 import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
@@ -83,9 +68,6 @@ export interface SessionHost {
 }
 
 const EMPTY = Buffer.alloc(0);
-
-/** The metadata context id of base:allocation (any non-zero id works; one context exists). */
-const BASE_ALLOCATION_ID = 1;
 
 /**
  * Bytes one block-status descriptor takes in a reply (the extended form; compact ones
@@ -203,13 +185,12 @@ export class NbdSession implements ExportSession {
   /** Input was unpaused while parsing: feed the pending bytes and resume the socket after it. */
   #resumeAfterParse = false;
 
-  // Handshake state.
-  #noZeroes = false;
+  // Handshake state (what the haggling agrees lives in #handshake).
+  readonly #handshake: Handshake;
   #optionCount = 0;
   #option = 0;
+  /** Reply framing, fixed when transmission starts. */
   #mode: Mode = MODE.SIMPLE;
-  /** The export name base:allocation was selected for, or null if none. */
-  #metaExport: string | null = null;
   #handshakeTimer: NodeJS.Timeout | null = null;
 
   // Transmission state.
@@ -233,6 +214,14 @@ export class NbdSession implements ExportSession {
    */
   constructor(accepted: Socket, host: SessionHost) {
     this.#host = host;
+    this.#handshake = new Handshake({
+      maxPayload: host.limits.maxPayload,
+      get shuttingDown() {
+        return host.shuttingDown;
+      },
+      findExport: (name) => host.findExport(name),
+      listExports: () => host.listExports(),
+    });
     const lent = lendReadBuffers(
       accepted,
       () => this.#nextReceiveBuffer(),
@@ -443,8 +432,8 @@ export class NbdSession implements ExportSession {
           pos += n;
           if (this.#skip === 0) {
             if (this.#state === S.OPTION_SKIP) {
-              this.#optionReply(this.#option, NBD_REP.NBD_REP_ERR_TOO_BIG, 'option data too long');
               this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
+              this.#onStep(this.#handshake.optionTooLong(this.#option));
             } else {
               this.#onDiscarded();
             }
@@ -476,16 +465,8 @@ export class NbdSession implements ExportSession {
   // Handshake
 
   #onClientFlags(flags: number): void {
-    const known = NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE | NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES;
-    if ((flags & ~known) !== 0) {
-      // Spec: the server MUST close on unknown client flags. A client without
-      // C_FIXED_NEWSTYLE speaks plain newstyle (it SHOULD set it, but need not) and is
-      // served: it will send EXPORT_NAME, and hanging up on it would be a hard
-      // disconnect the spec does not allow.
-      this.#log.info({ flags }, 'unknown client flags, closing');
-      return this.#hangUp();
-    }
-    this.#noZeroes = (flags & NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES) !== 0;
+    const outcome = this.#handshake.clientFlags(flags);
+    if (outcome.kind !== 'continue') return this.#onOutcome(outcome);
     this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
   }
 
@@ -505,168 +486,51 @@ export class NbdSession implements ExportSession {
       this.#state = S.OPTION_SKIP;
       return;
     }
-    if (h.length === 0) return this.#onOption(h.option, Buffer.alloc(0));
+    if (h.length === 0) return this.#onOption(h.option, EMPTY);
     this.#body = Buffer.allocUnsafe(h.length);
     this.#bodyFill = 0;
     this.#state = S.OPTION_DATA;
   }
 
-  #optionReply(option: number, type: number, data?: Buffer | string): void {
-    if (!this.#closed) this.#socket.write(encodeOptionReply(option, type, data));
-  }
-
   #onOption(option: number, data: Buffer): void {
     this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
-    const O = NBD_OPT;
-    const R = NBD_REP;
     this.#log.debug({ option: optionName(option), length: data.length }, 'option');
-    if (this.#host.shuttingDown && option !== O.NBD_OPT_ABORT) {
-      if (option === O.NBD_OPT_EXPORT_NAME) return this.#hangUp();
-      return this.#optionReply(option, R.NBD_REP_ERR_SHUTDOWN, 'server is shutting down');
-    }
-    switch (option) {
-      case O.NBD_OPT_EXPORT_NAME: {
-        if (this.#mode === MODE.EXTENDED) {
-          // Forbidden once extended headers are on, and it cannot carry an error: hang up.
-          this.#log.info('EXPORT_NAME after EXTENDED_HEADERS, closing');
-          return this.#hangUp();
-        }
-        const exp = this.#host.findExport(data.toString('utf8'));
-        if (!exp) {
-          this.#log.info({ name: data.toString('utf8') }, 'EXPORT_NAME of an unknown export, closing');
-          return this.#hangUp();
-        }
-        const flags = this.#transmissionFlags(exp);
-        this.#socket.write(encodeExportNameReply(exp.device.size, flags, this.#noZeroes));
-        return this.#enterTransmission(exp, flags);
-      }
-      case O.NBD_OPT_ABORT:
-        this.#optionReply(option, R.NBD_REP_ACK);
+    this.#onStep(this.#handshake.option(option, data));
+  }
+
+  /** Sends a handshake step's replies, then acts on its outcome. */
+  #onStep(step: HandshakeStep): void {
+    if (!this.#closed) for (const r of step.replies) this.#socket.write(r);
+    this.#onOutcome(step.outcome);
+  }
+
+  #onOutcome(outcome: HandshakeOutcome): void {
+    switch (outcome.kind) {
+      case 'continue':
+        return;
+      case 'hangUp':
+        if (outcome.reason !== null) this.#log.info(outcome.reason);
+        return this.#hangUp();
+      case 'abort':
         this.#state = S.IGNORE;
         this.#socket.end();
         return;
-      case O.NBD_OPT_LIST:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'LIST takes no data');
-        for (const exp of this.#host.listExports()) {
-          this.#optionReply(option, R.NBD_REP_SERVER, encodeRepServer(exp.name, exp.description));
-        }
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_STARTTLS:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'STARTTLS takes no data');
-        return this.#optionReply(option, R.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
-      case O.NBD_OPT_INFO:
-      case O.NBD_OPT_GO:
-        return this.#onInfoOrGo(option, data);
-      case O.NBD_OPT_STRUCTURED_REPLY:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'STRUCTURED_REPLY takes no data');
-        if (this.#mode === MODE.EXTENDED) {
-          // The spec's reply for a downgrade from extended headers, which take precedence.
-          return this.#optionReply(option, R.NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
-        }
-        if (this.#mode !== MODE.SIMPLE) {
-          return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'structured replies are already negotiated');
-        }
-        this.#mode = MODE.STRUCTURED;
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_EXTENDED_HEADERS:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'EXTENDED_HEADERS takes no data');
-        if (this.#mode === MODE.EXTENDED) {
-          return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'extended headers are already negotiated');
-        }
-        // The metadata context selection stays: the spec lets only a later SET_META_CONTEXT
-        // (or STARTTLS) replace it, and base:allocation fits either descriptor format.
-        this.#mode = MODE.EXTENDED;
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_LIST_META_CONTEXT:
-      case O.NBD_OPT_SET_META_CONTEXT:
-        return this.#onMetaContext(option, data);
-      default:
-        return this.#optionReply(option, R.NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported`);
+      case 'transmission':
+        return this.#enterTransmission(outcome.export, outcome.flags, outcome.mode, outcome.metaSelected);
     }
   }
 
-  #onInfoOrGo(option: number, data: Buffer): void {
-    const R = NBD_REP;
-    const req = decodeInfoRequest(data);
-    if (isDecodeError(req)) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, req.error);
-    const exp = this.#host.findExport(req.name);
-    if (!exp) return this.#optionReply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
-    const flags = this.#transmissionFlags(exp);
-    const dev = exp.device;
-    this.#optionReply(option, R.NBD_REP_INFO, encodeInfoExport(dev.size, flags));
-    if (req.infos.includes(NBD_INFO.NBD_INFO_NAME)) {
-      this.#optionReply(option, R.NBD_REP_INFO, encodeInfoString(NBD_INFO.NBD_INFO_NAME, exp.name));
-    }
-    if (req.infos.includes(NBD_INFO.NBD_INFO_DESCRIPTION) && exp.description !== '') {
-      this.#optionReply(option, R.NBD_REP_INFO, encodeInfoString(NBD_INFO.NBD_INFO_DESCRIPTION, exp.description));
-    }
-    // Block sizes are always sent: clients that did not ask may ignore them.
-    const bs = this.#blockSize(dev);
-    this.#optionReply(option, R.NBD_REP_INFO, encodeInfoBlockSize(bs.minimum, bs.preferred, bs.maximum));
-    this.#optionReply(option, R.NBD_REP_ACK);
-    if (option === NBD_OPT.NBD_OPT_GO) this.#enterTransmission(exp, flags);
-  }
-
-  #onMetaContext(option: number, data: Buffer): void {
-    const R = NBD_REP;
-    if (this.#mode === MODE.SIMPLE) {
-      return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'negotiate structured replies first');
-    }
-    const set = option === NBD_OPT.NBD_OPT_SET_META_CONTEXT;
-    if (set) this.#metaExport = null; // a SET replaces all earlier selections, even if it fails
-    const req = decodeMetaContextRequest(data);
-    if (isDecodeError(req)) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, req.error);
-    const exp = this.#host.findExport(req.name);
-    if (!exp) return this.#optionReply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
-    // Which queries select base:allocation: for LIST, none (= all), "base:" (the namespace
-    // wildcard) or the full name; for SET, only the full name. Unknown names are ignored.
-    const selects = set
-      ? req.queries.includes(BASE_ALLOCATION)
-      : req.queries.length === 0 || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
-    if (selects) {
-      this.#optionReply(option, R.NBD_REP_META_CONTEXT, encodeRepMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
-      if (set) this.#metaExport = exp.name;
-    }
-    this.#optionReply(option, R.NBD_REP_ACK);
-  }
-
-  #blockSize(dev: BlockDevice): { minimum: number; preferred: number; maximum: number } {
-    const b = dev.blockSize;
-    const maximum = Math.max(Math.min(b.maximum, this.#host.limits.maxPayload), b.preferred);
-    return { minimum: b.minimum, preferred: b.preferred, maximum };
-  }
-
-  #transmissionFlags(exp: Export): number {
-    const F = NBD_FLAG;
-    const c = exp.device.capabilities;
-    let f = F.NBD_FLAG_HAS_FLAGS | F.NBD_FLAG_SEND_CACHE;
-    if (c.flush) f |= F.NBD_FLAG_SEND_FLUSH;
-    if (exp.readOnly) {
-      f |= F.NBD_FLAG_READ_ONLY;
-    } else {
-      if (c.fua) f |= F.NBD_FLAG_SEND_FUA;
-      if (c.trim) f |= F.NBD_FLAG_SEND_TRIM;
-      if (c.zero) {
-        f |= F.NBD_FLAG_SEND_WRITE_ZEROES;
-        if (c.fastZero) f |= F.NBD_FLAG_SEND_FAST_ZERO;
-      }
-    }
-    if (this.#mode !== MODE.SIMPLE) f |= F.NBD_FLAG_SEND_DF;
-    if (c.multiConn) f |= F.NBD_FLAG_CAN_MULTI_CONN;
-    return f;
-  }
-
-  #enterTransmission(exp: Export, flags: number): void {
+  #enterTransmission(exp: Export, flags: number, mode: Mode, metaSelected: boolean): void {
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
-    if (this.#metaExport !== null && this.#metaExport !== exp.name) this.#metaExport = null;
+    this.#mode = mode;
     this.#export = exp;
     this.#device = exp.device;
     this.#vctx = {
-      mode: this.#mode,
+      mode,
       tflags: flags,
       readOnly: exp.readOnly,
-      metaSelected: this.#metaExport !== null,
+      metaSelected,
       device: exp.device,
       maxPayload: this.#host.limits.maxPayload,
       shuttingDown: false,
@@ -674,8 +538,8 @@ export class NbdSession implements ExportSession {
     };
     this.cursor = exp.errseq.sample();
     exp.attach(this);
-    this.#log.info({ export: exp.name, mode: this.#mode, flags }, 'transmission');
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#log.info({ export: exp.name, mode, flags }, 'transmission');
+    this.#expect(S.REQUEST_HEADER, mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
   }
 
   // -------------------------------------------------------------------------------
