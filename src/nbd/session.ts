@@ -18,7 +18,6 @@ import {
   NBD_CMD,
   NBD_CMD_FLAG,
   NBD_HS_FLAG,
-  NBD_REPLY_TYPE,
   NBD_SIZE,
   MODE,
   commandName,
@@ -26,26 +25,17 @@ import {
   type Mode,
 } from './constants.js';
 import {
-  DONE,
   decodeCompactRequest,
   decodeExtendedRequest,
   decodeOptionHeader,
-  encodeBlockStatus,
-  encodeBlockStatusExt,
-  encodeErrorPayload,
   encodeGreeting,
-  encodeHolePayload,
-  errorChunkType,
-  writeExtendedHeader,
-  writeSimpleReply,
-  writeStructuredHeader,
-  writeU64,
   type Descriptor,
   type RequestHeader,
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
 import { flushExport } from '../export/flush.js';
-import { BASE_ALLOCATION_ID, Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
+import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
+import { replyWriter, type ReadResult, type ReplyWriter } from './replies.js';
 import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
@@ -189,8 +179,12 @@ export class NbdSession implements ExportSession {
   readonly #handshake: Handshake;
   #optionCount = 0;
   #option = 0;
-  /** Reply framing, fixed when transmission starts. */
-  #mode: Mode = MODE.SIMPLE;
+  /** Extended headers were negotiated: requests use the 32-byte form. Fixed when transmission starts. */
+  #extended = false;
+  /** Bytes of a request header in the negotiated form. */
+  #requestSize: number = NBD_SIZE.COMPACT_REQUEST;
+  /** The replies in that framing, set when transmission starts. */
+  #writer: ReplyWriter | null = null;
   #handshakeTimer: NodeJS.Timeout | null = null;
 
   // Transmission state.
@@ -523,7 +517,9 @@ export class NbdSession implements ExportSession {
   #enterTransmission(exp: Export, flags: number, mode: Mode, metaSelected: boolean): void {
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
-    this.#mode = mode;
+    this.#extended = mode === MODE.EXTENDED;
+    this.#requestSize = this.#extended ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST;
+    this.#writer = replyWriter(mode, (buf, release) => this.#send(buf, release), this.#host.pool);
     this.#export = exp;
     this.#device = exp.device;
     this.#vctx = {
@@ -539,14 +535,14 @@ export class NbdSession implements ExportSession {
     this.cursor = exp.errseq.sample();
     exp.attach(this);
     this.#log.info({ export: exp.name, mode, flags }, 'transmission');
-    this.#expect(S.REQUEST_HEADER, mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
   }
 
   // -------------------------------------------------------------------------------
   // Transmission: framing
 
   #onRequestHeader(buf: Buffer, off: number): void {
-    const extended = this.#mode === MODE.EXTENDED;
+    const extended = this.#extended;
     const h = extended ? decodeExtendedRequest(buf, off) : decodeCompactRequest(buf, off);
     if (!h.magicOk) {
       // The stream is out of sync: nothing after this can be trusted.
@@ -601,14 +597,14 @@ export class NbdSession implements ExportSession {
   #onWritePayload(data: Payload, owner: Buffer | null, rx: readonly RxBuffer[] | null = null): void {
     const h = this.#current!;
     this.#current = null;
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
     this.#dispatch(h, data, owner, rx);
   }
 
   #onDiscarded(): void {
     const h = this.#current!;
     this.#current = null;
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
     const msg =
       h.type === NBD_CMD.NBD_CMD_WRITE
         ? `write of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`
@@ -726,9 +722,9 @@ export class NbdSession implements ExportSession {
   async #read(h: RequestHeader): Promise<Reply> {
     const dev = this.#device!;
     const len = h.length;
-    const prefix = this.#readHeaderSize();
+    const prefix = this.#writer!.readHeaderSize;
     const sparse =
-      this.#mode !== MODE.SIMPLE &&
+      this.#writer!.sparse &&
       dev.capabilities.extents &&
       len >= this.#host.limits.sparseReadMinimum &&
       !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
@@ -868,128 +864,24 @@ export class NbdSession implements ExportSession {
   };
 
   #reply(h: RequestHeader, result: Reply): void {
-    if (result instanceof WireError) return this.#replyError(h, result);
-    if (result === null) return this.#replyDone(h);
-    if ('descs' in result) return this.#replyBlockStatus(h, result.descs);
-    if ('views' in result) return this.#replyViews(h, result.views);
+    const w = this.#writer!;
+    if (result instanceof WireError) return this.#replyError(w, h, result);
+    if (result === null) return w.done(h);
+    if ('descs' in result) return w.blockStatus(h, result.descs);
+    if ('views' in result) {
+      if (this.#closed) return;
+      return w.views(h, result.views);
+    }
     if (this.#closed) return this.#host.pool.put(result.owner);
-    return this.#replyRead(h, result);
+    w.read(h, result);
   }
 
-  #replyDone(h: RequestHeader): void {
-    if (this.#mode === MODE.EXTENDED) {
-      const b = Buffer.allocUnsafe(NBD_SIZE.EXTENDED_REPLY_HEADER);
-      writeExtendedHeader(b, 0, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, h.cookie, h.offset, 0);
-      return this.#send(b);
-    }
-    // With structured replies, a simple reply is still allowed for anything but READ.
-    const b = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
-    writeSimpleReply(b, 0, 0, h.cookie);
-    this.#send(b);
-  }
-
-  #replyError(h: RequestHeader, w: WireError): void {
-    const e = w.error;
-    const errno = nbdErrno(e, h.type, h.flags);
+  #replyError(w: ReplyWriter, h: RequestHeader, err: WireError): void {
+    const e = err.error;
     if (e.code !== 'ESHUTDOWN') this.#log.debug({ cmd: commandName(h.type), code: e.code, msg: e.message }, 'request failed');
-    if (this.#mode === MODE.SIMPLE) {
-      const b = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
-      writeSimpleReply(b, 0, errno, h.cookie);
-      return this.#send(b);
-    }
-    const withOffset =
-      w.withOffset && e.offset !== undefined && e.offset >= h.offset && e.offset < h.offset + h.length;
-    const payload = encodeErrorPayload(errno, e.message, withOffset ? e.offset : undefined);
-    this.#sendChunk(h, DONE, errorChunkType(withOffset), payload);
-  }
-
-  /** Sends one structured or extended chunk with a separate payload buffer. */
-  #sendChunk(h: RequestHeader, flags: number, type: number, payload: Buffer): void {
-    const ext = this.#mode === MODE.EXTENDED;
-    const hdr = Buffer.allocUnsafe(ext ? NBD_SIZE.EXTENDED_REPLY_HEADER : NBD_SIZE.STRUCTURED_REPLY_HEADER);
-    if (ext) writeExtendedHeader(hdr, 0, flags, type, h.cookie, h.offset, payload.length);
-    else writeStructuredHeader(hdr, 0, flags, type, h.cookie, payload.length);
-    this.#send(hdr);
-    if (payload.length > 0) this.#send(payload);
-  }
-
-  /** Bytes in front of the data of a READ answered in one piece: a simple reply, or an OFFSET_DATA chunk header and its offset. */
-  #readHeaderSize(): number {
-    return this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
-      : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
-      : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
-  }
-
-  /** Writes the #readHeaderSize() bytes in front of a READ's whole data: success, the data follows. */
-  #writeReadHeader(buf: Buffer, h: RequestHeader): void {
-    if (this.#mode === MODE.SIMPLE) writeSimpleReply(buf, 0, 0, h.cookie);
-    else this.#writeDataHeader(buf, h, DONE, h.offset, h.length);
-  }
-
-  /** A whole READ as one data reply whose data are the device's own views (one writev with the header). */
-  #replyViews(h: RequestHeader, views: readonly Buffer[]): void {
-    if (this.#closed) return;
-    const head = Buffer.allocUnsafe(this.#readHeaderSize());
-    this.#writeReadHeader(head, h);
-    this.#send(head);
-    for (const v of views) this.#send(v);
-  }
-
-  #replyRead(h: RequestHeader, r: ReadResult): void {
-    const { buf, prefix, owner } = r;
-    if (this.#mode !== MODE.SIMPLE && h.length === 0) {
-      // A zero-length READ still needs a final chunk, and never a simple reply.
-      this.#host.pool.put(owner);
-      return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
-    }
-    if (this.#mode === MODE.SIMPLE || r.zeroRuns === null) {
-      this.#writeReadHeader(buf, h);
-      return this.#send(buf, owner);
-    }
-    // Sparse: data chunks for the data, hole chunks for zero runs, the last one DONE.
-    const data = buf.subarray(prefix);
-    const pieces: { offset: number; length: number; hole: boolean }[] = [];
-    let at = h.offset;
-    const end = h.offset + h.length;
-    for (const z of r.zeroRuns) {
-      if (z.offset > at) pieces.push({ offset: at, length: z.offset - at, hole: false });
-      pieces.push({ offset: z.offset, length: z.length, hole: true });
-      at = z.offset + z.length;
-    }
-    if (at < end) pieces.push({ offset: at, length: end - at, hole: false });
-    pieces.forEach((p, i) => {
-      const flags = i === pieces.length - 1 ? DONE : 0;
-      if (p.hole) {
-        this.#sendChunk(h, flags, NBD_REPLY_TYPE.NBD_REPLY_TYPE_OFFSET_HOLE, encodeHolePayload(p.offset, p.length));
-      } else {
-        const hdr = Buffer.allocUnsafe(prefix);
-        this.#writeDataHeader(hdr, h, flags, p.offset, p.length);
-        this.#send(hdr);
-        this.#send(data.subarray(p.offset - h.offset, p.offset - h.offset + p.length));
-      }
-    });
-    // Writes complete in order: once an empty write queued after the pieces is done, so are they.
-    this.#send(EMPTY, owner);
-  }
-
-  /** Writes an OFFSET_DATA chunk header plus its u64 offset into the first `prefix` bytes of `buf`. */
-  #writeDataHeader(buf: Buffer, h: RequestHeader, flags: number, offset: number, length: number): void {
-    const T = NBD_REPLY_TYPE.NBD_REPLY_TYPE_OFFSET_DATA;
-    if (this.#mode === MODE.EXTENDED) {
-      writeExtendedHeader(buf, 0, flags, T, h.cookie, h.offset, length + 8);
-      writeU64(buf, offset, NBD_SIZE.EXTENDED_REPLY_HEADER);
-    } else {
-      writeStructuredHeader(buf, 0, flags, T, h.cookie, length + 8);
-      writeU64(buf, offset, NBD_SIZE.STRUCTURED_REPLY_HEADER);
-    }
-  }
-
-  #replyBlockStatus(h: RequestHeader, descs: Descriptor[]): void {
-    if (this.#mode === MODE.EXTENDED) {
-      this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, encodeBlockStatusExt(BASE_ALLOCATION_ID, descs));
-    } else {
-      this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS, encodeBlockStatus(BASE_ALLOCATION_ID, descs));
-    }
+    // The failing offset is sent only if it lies inside the request (a read's own failure).
+    const withOffset = err.withOffset && e.offset !== undefined && e.offset >= h.offset && e.offset < h.offset + h.length;
+    w.error(h, nbdErrno(e, h.type, h.flags), e.message, withOffset ? e.offset : undefined);
   }
 
   // -------------------------------------------------------------------------------
@@ -1062,15 +954,6 @@ export class NbdSession implements ExportSession {
     this.#log.debug('closed');
     this.#host.sessionClosed(this);
   }
-}
-
-/** A successful READ: the buffer with `prefix` bytes of header room, and zero runs for sparse replies. */
-interface ReadResult {
-  readonly buf: Buffer;
-  /** The pooled buffer `buf` is a view of; back to the pool once the reply is written. */
-  readonly owner: Buffer;
-  readonly prefix: number;
-  readonly zeroRuns: Extent[] | null;
 }
 
 /** A WRITE payload: one buffer, or the socket's pieces for a device with writev. */
