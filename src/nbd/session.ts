@@ -12,8 +12,8 @@
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { BlockError, toBlockError } from '../errors/index.js';
-import { EXTENT, REQ, type BlockDevice, type Extent } from '../device/index.js';
+import { BlockError } from '../errors/index.js';
+import type { BlockDevice } from '../device/index.js';
 import {
   NBD_CMD,
   NBD_CMD_FLAG,
@@ -29,13 +29,12 @@ import {
   decodeExtendedRequest,
   decodeOptionHeader,
   encodeGreeting,
-  type Descriptor,
   type RequestHeader,
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
-import { flushExport } from '../export/flush.js';
 import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
-import { replyWriter, type ReadResult, type ReplyWriter } from './replies.js';
+import { replyWriter, type ReplyWriter } from './replies.js';
+import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
 import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
@@ -129,14 +128,6 @@ interface PendingChunk {
   readonly rx: RxBuffer | null;
 }
 
-/** An error reply: the NBD errno and a message for structured ERROR chunks. */
-class WireError {
-  constructor(
-    readonly error: BlockError,
-    readonly withOffset = false,
-  ) {}
-}
-
 let nextSessionId = 1;
 
 export class NbdSession implements ExportSession {
@@ -185,6 +176,8 @@ export class NbdSession implements ExportSession {
   #requestSize: number = NBD_SIZE.COMPACT_REQUEST;
   /** The replies in that framing, set when transmission starts. */
   #writer: ReplyWriter | null = null;
+  /** Runs requests on the export's device, set when transmission starts. */
+  #runner: RequestRunner | null = null;
   #handshakeTimer: NodeJS.Timeout | null = null;
 
   // Transmission state.
@@ -520,6 +513,7 @@ export class NbdSession implements ExportSession {
     this.#extended = mode === MODE.EXTENDED;
     this.#requestSize = this.#extended ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST;
     this.#writer = replyWriter(mode, (buf, release) => this.#send(buf, release), this.#host.pool);
+    this.#runner = new RequestRunner({ export: exp, pool: this.#host.pool, limits: this.#host.limits, writer: this.#writer, holder: this });
     this.#export = exp;
     this.#device = exp.device;
     this.#vctx = {
@@ -648,9 +642,10 @@ export class NbdSession implements ExportSession {
     ctx.hasPayload = payload !== null;
     const invalid = validateRequest(h, ctx);
     if (invalid) return this.#finish(req, new WireError(invalid));
-    this.#run(req, payload).then(
+    const runner = this.#runner!;
+    runner.run(h, payload).then(
       (result) => this.#finish(req, result),
-      (e: unknown) => this.#finish(req, new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ)),
+      (e: unknown) => this.#finish(req, runner.failed(h, e)),
     );
   }
 
@@ -659,149 +654,6 @@ export class NbdSession implements ExportSession {
     if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE) return STATUS_DESCRIPTOR_BYTES;
     const blocks = Math.ceil(h.length / this.#device!.blockSize.minimum);
     return Math.min(blocks, this.#host.limits.maxExtents) * STATUS_DESCRIPTOR_BYTES;
-  }
-
-  /** Runs a validated request on the device; resolves to the reply to send. */
-  async #run(req: Request, payload: Payload | null): Promise<Reply> {
-    const h = req.h;
-    const dev = this.#device!;
-    const fua = h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_FUA ? REQ.FUA : 0;
-    switch (h.type) {
-      case NBD_CMD.NBD_CMD_READ:
-        return this.#read(h);
-      case NBD_CMD.NBD_CMD_WRITE:
-        if (Array.isArray(payload)) await dev.writev!(payload, h.offset, fua);
-        else await dev.write(payload as Buffer, h.offset, fua);
-        return null;
-      case NBD_CMD.NBD_CMD_FLUSH:
-        return this.#flush();
-      case NBD_CMD.NBD_CMD_TRIM:
-        if (h.length > 0) await dev.trim(h.offset, h.length, fua);
-        return null;
-      case NBD_CMD.NBD_CMD_WRITE_ZEROES: {
-        let flags = fua;
-        if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_NO_HOLE) flags |= REQ.NO_HOLE;
-        if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_FAST_ZERO) flags |= REQ.FAST_ZERO;
-        if (h.length > 0) await dev.zero(h.offset, h.length, flags);
-        return null;
-      }
-      case NBD_CMD.NBD_CMD_CACHE:
-        // A hint whose failure changes nothing else, but the spec still wants it reported:
-        // "If an error occurs, the server MUST set the appropriate error code".
-        if (h.length > 0) await dev.cache(h.offset, h.length, 0);
-        return null;
-      case NBD_CMD.NBD_CMD_BLOCK_STATUS:
-        return this.#blockStatus(h);
-      default:
-        throw new BlockError('EINVAL', `unknown command ${h.type}`);
-    }
-  }
-
-  /** FLUSH: the export's flush rule (src/export/flush.ts), shared with other protocols' sessions. */
-  async #flush(): Promise<Reply> {
-    const { error, cursor } = await flushExport(this.#export!, this.#device!, this.cursor);
-    this.cursor = cursor;
-    return error ? new WireError(error) : null;
-  }
-
-  /**
-   * A durability failure (BlockError.writeback: a FUA write whose fdatasync failed) is
-   * this request's reply, and also the export's news: it is recorded so every other
-   * session hears of it at its next FLUSH, and this session's cursor moves past it so
-   * this session is not told twice.
-   */
-  #recordWriteback(e: BlockError): BlockError {
-    if (e.writeback && this.#export) {
-      const errseq = this.#export.errseq;
-      errseq.set(e.errno);
-      this.cursor = errseq.checkAndAdvance(this.cursor).cursor;
-    }
-    return e;
-  }
-
-  async #read(h: RequestHeader): Promise<Reply> {
-    const dev = this.#device!;
-    const len = h.length;
-    const prefix = this.#writer!.readHeaderSize;
-    const sparse =
-      this.#writer!.sparse &&
-      dev.capabilities.extents &&
-      len >= this.#host.limits.sparseReadMinimum &&
-      !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
-    let knownRuns: Extent[] | null | undefined;
-    if (dev.readViews && len > 0) {
-      // Zero copy unless there are holes worth sending as hole chunks.
-      knownRuns = sparse ? await this.#zeroRuns(h.offset, len) : null;
-      if (knownRuns === null) return { views: dev.readViews(h.offset, len) };
-    }
-    const owner = this.#host.pool.get(prefix + len);
-    const buf = owner.subarray(0, prefix + len);
-    try {
-      const [, zeroRuns] = await Promise.all([
-        len > 0 ? dev.read(buf.subarray(prefix), h.offset, 0) : undefined,
-        knownRuns !== undefined ? knownRuns : sparse ? this.#zeroRuns(h.offset, len) : null,
-      ]);
-      return { buf, owner, prefix, zeroRuns };
-    } catch (e) {
-      this.#host.pool.put(owner);
-      throw e;
-    }
-  }
-
-  /** Ranges of a read that read as zeroes (from extents), or null if there are none worth sending as holes. */
-  async #zeroRuns(offset: number, length: number): Promise<Extent[] | null> {
-    const dev = this.#device!;
-    const end = offset + length;
-    const runs: Extent[] = [];
-    let at = offset;
-    // Bounded: a read covers at most maxPayload bytes; stop after a fixed number of queries.
-    for (let q = 0; at < end && q < 64; q++) {
-      const ext = await dev.extents(at, end - at, 0);
-      if (ext.length === 0) break;
-      for (const e of ext) {
-        const s = Math.max(e.offset, at);
-        const t = Math.min(e.offset + e.length, end);
-        if (t <= s) continue;
-        if (e.flags & EXTENT.ZERO) runs.push({ offset: s, length: t - s, flags: EXTENT.ZERO });
-        at = t;
-        if (at >= end) break;
-      }
-    }
-    return runs.length > 0 ? runs : null;
-  }
-
-  async #blockStatus(h: RequestHeader): Promise<Reply> {
-    const dev = this.#device!;
-    const reqOne = (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const end = h.offset + h.length;
-    const max = reqOne ? 1 : this.#host.limits.maxExtents;
-    const descs: { length: number; flags: number }[] = [];
-    if (!dev.capabilities.extents) {
-      descs.push({ length: h.length, flags: 0 });
-    } else {
-      let at = h.offset;
-      // Each query advances `at` by at least one extent, so this ends; the cap bounds the reply.
-      while (at < end && descs.length < max) {
-        const ext = await dev.extents(at, end - at, reqOne ? REQ.REQ_ONE : 0);
-        if (ext.length === 0) throw new BlockError('EIO', 'the device returned no extents');
-        let progressed = false;
-        for (const e of ext) {
-          const s = Math.max(e.offset, at);
-          const t = Math.min(e.offset + e.length, end);
-          if (t <= s) continue;
-          if (e.offset > at) throw new BlockError('EIO', `the device returned an extent at ${e.offset}, expected ${at}`);
-          const last = descs[descs.length - 1];
-          if (last && last.flags === e.flags && last.length + (t - s) <= 0xffff_ffff) last.length += t - s;
-          else if (descs.length < max) descs.push({ length: t - s, flags: e.flags & 3 });
-          else break;
-          at = t;
-          progressed = true;
-          if (at >= end || reqOne) break;
-        }
-        if (!progressed || reqOne) break;
-      }
-    }
-    return { descs };
   }
 
   // -------------------------------------------------------------------------------
@@ -955,9 +807,3 @@ export class NbdSession implements ExportSession {
     this.#host.sessionClosed(this);
   }
 }
-
-/** A WRITE payload: one buffer, or the socket's pieces for a device with writev. */
-type Payload = Buffer | Buffer[];
-
-/** What a request resolves to: null = plain success, read data (copied or as device views), block status, or an error. */
-type Reply = null | ReadResult | { readonly views: readonly Buffer[] } | { readonly descs: Descriptor[] } | WireError;
