@@ -39,6 +39,7 @@ import { nbdErrno, validateRequest, type ValidationContext } from './transmissio
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
 import { lendReadBuffers } from '../io/lent-buffers.js';
+import { ReceiveBuffers, type RxBuffer } from './receive-buffers.js';
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -66,22 +67,7 @@ const EMPTY = Buffer.alloc(0);
  */
 const STATUS_DESCRIPTOR_BYTES = 16;
 
-/**
- * Size of the receive buffers a session lends its socket (see lent-buffers.ts): one read
- * takes up to this much. 1 MiB: a stream of 256 KiB writes then costs a read(2) and a
- * callback per ~four requests; against 256 KiB buffers that was 10-20 % less server CPU
- * for sequential writes (1 and 4 connections), for 1 MiB of memory per connection.
- */
-export const RECEIVE_BUFFER_SIZE = 1024 * 1024;
-
-/**
- * WRITE payloads at least this long are passed to a device with `writev` as slices of the
- * receive buffers, which stay out of reuse until the request ends. Shorter ones are
- * copied into a pooled buffer, because holding a 1 MiB receive buffer for a 4 KiB
- * payload would let a queue of small writes pin far more memory than their bytes, unless
- * the device is `nonBlocking` (memory): it is done with them before the next read.
- */
-export const ZERO_COPY_MINIMUM = 64 * 1024;
+export { RECEIVE_BUFFER_SIZE, ZERO_COPY_MINIMUM } from './receive-buffers.js';
 
 /** Input states. */
 const S = {
@@ -98,18 +84,6 @@ const S = {
   GATHER_PAYLOAD: 8,
 } as const;
 type State = (typeof S)[keyof typeof S];
-
-/**
- * A receive buffer lent to the socket, and how many holders (payload slices of requests
- * in flight, bytes waiting while input is paused) still use it. It goes back to the pool
- * when the last holder lets go, unless the socket is still reading into it.
- */
-interface RxBuffer {
-  readonly buf: Buffer;
-  refs: number;
-  /** Bytes of `buf` the socket has filled; while it is held, reads go into the rest. */
-  used: number;
-}
 
 /** A request being served. */
 interface Request {
@@ -151,16 +125,16 @@ export class NbdSession implements ExportSession {
   #sliceRx: RxBuffer[] = [];
   #gatherLength = 0;
   #skip = 0;
+  /** Bytes kept while input is paused, fed in order from #pendingHead (an index, not shift()). */
   #pendingChunks: PendingChunk[] = [];
+  #pendingHead = 0;
   #readPaused = false;
   /** True when the socket reads into buffers this session lends it (else 'data' chunks, never reused). */
   readonly #lent: boolean;
-  /** The receive buffer the socket reads into next (lent mode). */
-  #rx: RxBuffer | null = null;
+  /** The receive buffers lent to the socket (lent mode) and their holders. */
+  readonly #rxBuffers: ReceiveBuffers;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
   #feeding: RxBuffer | null = null;
-  /** Receive buffers with holders (refs > 0), the current one included. */
-  #heldBuffers = 0;
   /** True while #feed runs. */
   #parsing = false;
   /** Input was unpaused while parsing: feed the pending bytes and resume the socket after it. */
@@ -201,6 +175,8 @@ export class NbdSession implements ExportSession {
    */
   constructor(accepted: Socket, host: SessionHost) {
     this.#host = host;
+    const rxBuffers = new ReceiveBuffers(host.pool, host.limits.maxInFlightBytes);
+    this.#rxBuffers = rxBuffers;
     this.#handshake = new Handshake({
       maxPayload: host.limits.maxPayload,
       get shuttingDown() {
@@ -211,8 +187,8 @@ export class NbdSession implements ExportSession {
     });
     const lent = lendReadBuffers(
       accepted,
-      () => this.#nextReceiveBuffer(),
-      (n, buf) => this.#onLentRead(n, buf as Buffer),
+      () => rxBuffers.next(),
+      (n, buf) => this.#onData((buf as Buffer).subarray(0, n), rxBuffers.filled(n)),
     );
     const socket = lent ?? accepted;
     this.#socket = socket;
@@ -265,47 +241,9 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Input
 
-  /**
-   * Where the socket reads next: the whole current buffer when nothing holds it, else
-   * its unused tail while at least ZERO_COPY_MINIMUM is left, else a fresh buffer (a held
-   * one goes back to the pool when its last holder releases it). Filling the tail first
-   * keeps memory near the bytes held: a peer that sends a payload a few bytes per read
-   * must not make every read pin a new receive buffer.
-   */
-  #nextReceiveBuffer(): Buffer {
-    const cur = this.#rx;
-    if (cur) {
-      if (cur.refs === 0) {
-        cur.used = 0;
-        return cur.buf;
-      }
-      if (cur.buf.length - cur.used >= ZERO_COPY_MINIMUM) return cur.buf.subarray(cur.used);
-    }
-    const rx: RxBuffer = { buf: this.#host.pool.get(RECEIVE_BUFFER_SIZE), refs: 0, used: 0 };
-    this.#rx = rx;
-    return rx.buf;
-  }
-
-  /** Bytes the socket read into the current receive buffer (at its `used` offset). */
-  #onLentRead(n: number, into: Buffer): void {
-    const rx = this.#rx!;
-    rx.used += n;
-    this.#onData(into.subarray(0, n), rx);
-  }
-
-  #hold(rx: RxBuffer): void {
-    if (rx.refs++ === 0) this.#heldBuffers++;
-  }
-
-  #release(rx: RxBuffer): void {
-    if (--rx.refs > 0) return;
-    this.#heldBuffers--;
-    if (rx !== this.#rx) this.#host.pool.put(rx.buf);
-  }
-
   #onData(chunk: Buffer, rx: RxBuffer | null): void {
-    if (this.#readPaused || this.#pendingChunks.length > 0) {
-      if (rx) this.#hold(rx);
+    if (this.#readPaused || this.#pendingHead < this.#pendingChunks.length) {
+      if (rx) this.#rxBuffers.hold(rx);
       this.#pendingChunks.push({ chunk, rx });
       return;
     }
@@ -339,7 +277,7 @@ export class NbdSession implements ExportSession {
     while (pos < end) {
       if (this.#readPaused) {
         const rx = this.#feeding;
-        if (rx) this.#hold(rx);
+        if (rx) this.#rxBuffers.hold(rx);
         this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
         return;
       }
@@ -398,7 +336,7 @@ export class NbdSession implements ExportSession {
           this.#slices.push(chunk.subarray(pos, pos + n));
           const rx = this.#feeding;
           if (rx) {
-            this.#hold(rx);
+            this.#rxBuffers.hold(rx);
             this.#sliceRx.push(rx);
           }
           this.#bodyFill += n;
@@ -563,7 +501,7 @@ export class NbdSession implements ExportSession {
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
     const dev = this.#device!;
-    if (dev.writev && (!this.#lent || this.#mayHold(h.length, dev.nonBlocking))) {
+    if (dev.writev && (!this.#lent || this.#rxBuffers.mayHold(h.length, dev.nonBlocking))) {
       // Zero copy: the device takes the payload as the socket delivered it.
       this.#gatherLength = h.length;
       this.#bodyFill = 0;
@@ -574,18 +512,6 @@ export class NbdSession implements ExportSession {
     this.#body = this.#bodyOwner.subarray(0, h.length);
     this.#bodyFill = 0;
     this.#state = S.WRITE_PAYLOAD;
-  }
-
-  /**
-   * Whether a WRITE payload of `length` bytes may stay in the receive buffers (lent mode).
-   * Held buffers are bounded by the in-flight byte budget: a slow device completing out
-   * of order could otherwise keep one receive buffer per 64 KiB payload in flight (and
-   * two for a payload straddling buffers), up to 32x the budget. Past the bound, payloads
-   * are copied into the pool like small ones, which the budget itself bounds.
-   */
-  #mayHold(length: number, nonBlocking: boolean): boolean {
-    if (length < ZERO_COPY_MINIMUM && !nonBlocking) return false;
-    return (this.#heldBuffers + 2) * RECEIVE_BUFFER_SIZE <= this.#host.limits.maxInFlightBytes;
   }
 
   #onWritePayload(data: Payload, owner: Buffer | null, rx: readonly RxBuffer[] | null = null): void {
@@ -664,7 +590,7 @@ export class NbdSession implements ExportSession {
     this.#inFlightBytes -= req.cost;
     // The device is done with the payload (BlockDevice.write must not keep it).
     if (req.owner) this.#host.pool.put(req.owner);
-    if (req.rx) for (const r of req.rx) this.#release(r);
+    if (req.rx) for (const r of req.rx) this.#rxBuffers.release(r);
     if (!this.#closed) {
       // The last request in flight: nothing else can join this batch, so its reply leaves
       // now (one writev) rather than at the end of the event-loop turn. At queue depth 1
@@ -769,11 +695,16 @@ export class NbdSession implements ExportSession {
 
   /** Feeds the bytes kept while paused, in order, then lets the socket read again. */
   #resumeInput(): void {
-    // Rare (input was paused), so shift() on a short array is fine here.
-    while (this.#pendingChunks.length > 0 && !this.#readPaused) {
-      const { chunk, rx } = this.#pendingChunks.shift()!;
+    // The fields, not locals: feeding can pause again (and queue the rest) or resume
+    // the feeding from inside #feed.
+    while (this.#pendingHead < this.#pendingChunks.length && !this.#readPaused) {
+      const { chunk, rx } = this.#pendingChunks[this.#pendingHead++]!;
       this.#feed(chunk, rx);
-      if (rx) this.#release(rx);
+      if (rx) this.#rxBuffers.release(rx);
+    }
+    if (this.#pendingHead === this.#pendingChunks.length) {
+      this.#pendingChunks = [];
+      this.#pendingHead = 0;
     }
     if (!this.#readPaused && !this.#closed) this.#socket.resume();
   }
@@ -796,10 +727,8 @@ export class NbdSession implements ExportSession {
     this.#closed = true;
     this.#state = S.IGNORE;
     this.#pendingChunks = [];
-    // The socket reads no more: its buffer goes back unless a request still holds it.
-    const rx = this.#rx;
-    this.#rx = null;
-    if (rx && rx.refs === 0) this.#host.pool.put(rx.buf);
+    this.#pendingHead = 0;
+    this.#rxBuffers.close();
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);
