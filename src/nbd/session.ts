@@ -1,14 +1,22 @@
 /**
- * One NBD connection: a state machine over a socket, from the greeting through option
- * haggling to transmission and close. Bytes are pushed in by the socket's 'data' events
- * and parsed without growing buffers: headers are decoded straight from the chunk (or
- * from a small scratch buffer when split across chunks), payloads are copied once into
- * a buffer of their exact size, or used in place when a chunk holds all of it.
+ * One NBD connection over a socket: transport, framing and flow control, wiring the
+ * parts that know no socket. Bytes are pushed in by the socket (into lent receive
+ * buffers, see receive-buffers.ts, or as 'data' chunks) and parsed without growing
+ * buffers: headers are decoded straight from the chunk (or from a small scratch buffer
+ * when split across chunks), payloads are copied once into a buffer of their exact
+ * size, used in place, or kept as slices of the receive buffers for a device with writev.
  *
- * Requests are validated once, here (see `#validate`), then run on the export's device
- * concurrently; replies go out as they complete, corked per event-loop turn so that many
- * small replies leave in one writev. Backend failures become error replies; only protocol
- * violations by the peer (and denial-of-service limits) close the connection.
+ * The parts: handshake.ts haggles options, transmission.ts validates each request and
+ * picks its NBD error value, execute.ts runs it on the device, replies.ts frames the
+ * answer in the negotiated mode. Requests run concurrently; replies go out as they
+ * complete, corked per event-loop turn so that many small replies leave in one writev.
+ * Backend failures become error replies; only protocol violations by the peer (and
+ * denial-of-service limits) close the connection.
+ *
+ * Over 500 lines because the input parse loop, its states, the payload accumulation and
+ * the pause/resume flow control share the per-byte state of one connection and run on
+ * the hot path; split apart they would need that state passed across an interface on
+ * every chunk.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
