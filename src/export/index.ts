@@ -1,2 +1,3 @@
 export * from './export.js';
 export * from './registry.js';
+export * from './flush.js';

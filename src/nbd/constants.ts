@@ -185,3 +185,12 @@ export function commandName(cmd: number): string {
   for (const [k, v] of Object.entries(NBD_CMD)) if (v === cmd) return k;
   return `command ${cmd}`;
 }
+
+/**
+ * Reply framing negotiated in the handshake (blockgate's own names, not the spec's):
+ * simple replies only, structured replies (NBD_OPT_STRUCTURED_REPLY), or extended
+ * headers (NBD_OPT_EXTENDED_HEADERS). Shared by the handshake, the validator and the
+ * reply writers, which each depend on it.
+ */
+export const MODE = { SIMPLE: 0, STRUCTURED: 1, EXTENDED: 2 } as const;
+export type Mode = (typeof MODE)[keyof typeof MODE];

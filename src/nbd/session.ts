@@ -1,66 +1,53 @@
 /**
- * One NBD connection: a state machine over a socket, from the greeting through option
- * haggling to transmission and close. Bytes are pushed in by the socket's 'data' events
- * and parsed without growing buffers: headers are decoded straight from the chunk (or
- * from a small scratch buffer when split across chunks), payloads are copied once into
- * a buffer of their exact size, or used in place when a chunk holds all of it.
+ * One NBD connection over a socket: transport, framing and flow control, wiring the
+ * parts that know no socket. Bytes are pushed in by the socket (into lent receive
+ * buffers, see receive-buffers.ts, or as 'data' chunks) and parsed without growing
+ * buffers: headers are decoded straight from the chunk (or from a small scratch buffer
+ * when split across chunks), payloads are copied once into a buffer of their exact
+ * size, used in place, or kept as slices of the receive buffers for a device with writev.
  *
- * Requests are validated once, here (see `#validate`), then run on the export's device
- * concurrently; replies go out as they complete, corked per event-loop turn so that many
- * small replies leave in one writev. Backend failures become error replies; only protocol
- * violations by the peer (and denial-of-service limits) close the connection.
+ * The parts: handshake.ts haggles options, transmission.ts validates each request and
+ * picks its NBD error value, execute.ts runs it on the device, replies.ts frames the
+ * answer in the negotiated mode. Requests run concurrently; replies go out as they
+ * complete, corked per event-loop turn so that many small replies leave in one writev.
+ * Backend failures become error replies; only protocol violations by the peer (and
+ * denial-of-service limits) close the connection.
+ *
+ * Over 500 lines because the input parse loop, its states, the payload accumulation and
+ * the pause/resume flow control share the per-byte state of one connection and run on
+ * the hot path; split apart they would need that state passed across an interface on
+ * every chunk.
  */
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { BlockError, codeFromLinux, toBlockError, toNbdError } from '../errors/index.js';
-import { EXTENT, REQ, checkAlignment, validateRequest, type BlockDevice, type Extent } from '../device/index.js';
+import { BlockError } from '../errors/index.js';
+import type { BlockDevice } from '../device/index.js';
 import {
-  BASE_ALLOCATION,
-  NBD_CLIENT_FLAG,
   NBD_CMD,
   NBD_CMD_FLAG,
-  NBD_FLAG,
   NBD_HS_FLAG,
-  NBD_INFO,
-  NBD_OPT,
-  NBD_REP,
-  NBD_REPLY_TYPE,
   NBD_SIZE,
+  MODE,
   commandName,
   optionName,
+  type Mode,
 } from './constants.js';
 import {
-  DONE,
   decodeCompactRequest,
   decodeExtendedRequest,
-  decodeInfoRequest,
-  decodeMetaContextRequest,
   decodeOptionHeader,
-  encodeBlockStatus,
-  encodeBlockStatusExt,
-  encodeErrorPayload,
-  encodeExportNameReply,
   encodeGreeting,
-  encodeHolePayload,
-  encodeInfoBlockSize,
-  encodeInfoExport,
-  encodeInfoString,
-  encodeOptionReply,
-  encodeRepMetaContext,
-  encodeRepServer,
-  errorChunkType,
-  isDecodeError,
-  writeExtendedHeader,
-  writeSimpleReply,
-  writeStructuredHeader,
-  writeU64,
-  type Descriptor,
   type RequestHeader,
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
+import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
+import { replyWriter, type ReplyWriter } from './replies.js';
+import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
+import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
 import type { ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
 import { lendReadBuffers } from '../io/lent-buffers.js';
+import { ReceiveBuffers, type RxBuffer } from './receive-buffers.js';
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -80,9 +67,6 @@ export interface SessionHost {
 
 const EMPTY = Buffer.alloc(0);
 
-/** The metadata context id of base:allocation (any non-zero id works; one context exists). */
-const BASE_ALLOCATION_ID = 1;
-
 /**
  * Bytes one block-status descriptor takes in a reply (the extended form; compact ones
  * take 8). A BLOCK_STATUS is charged for its largest possible reply against the
@@ -91,22 +75,7 @@ const BASE_ALLOCATION_ID = 1;
  */
 const STATUS_DESCRIPTOR_BYTES = 16;
 
-/**
- * Size of the receive buffers a session lends its socket (see lent-buffers.ts): one read
- * takes up to this much. 1 MiB: a stream of 256 KiB writes then costs a read(2) and a
- * callback per ~four requests; against 256 KiB buffers that was 10-20 % less server CPU
- * for sequential writes (1 and 4 connections), for 1 MiB of memory per connection.
- */
-export const RECEIVE_BUFFER_SIZE = 1024 * 1024;
-
-/**
- * WRITE payloads at least this long are passed to a device with `writev` as slices of the
- * receive buffers, which stay out of reuse until the request ends. Shorter ones are
- * copied into a pooled buffer, because holding a 1 MiB receive buffer for a 4 KiB
- * payload would let a queue of small writes pin far more memory than their bytes, unless
- * the device is `nonBlocking` (memory): it is done with them before the next read.
- */
-export const ZERO_COPY_MINIMUM = 64 * 1024;
+export { RECEIVE_BUFFER_SIZE, ZERO_COPY_MINIMUM } from './receive-buffers.js';
 
 /** Input states. */
 const S = {
@@ -124,34 +93,6 @@ const S = {
 } as const;
 type State = (typeof S)[keyof typeof S];
 
-/** Reply framing negotiated in the handshake. */
-const MODE = { SIMPLE: 0, STRUCTURED: 1, EXTENDED: 2 } as const;
-type Mode = (typeof MODE)[keyof typeof MODE];
-
-/** Command flags each command accepts (FUA is accepted on every command when advertised, per spec). */
-const ALLOWED_FLAGS: Record<number, number> = {
-  [NBD_CMD.NBD_CMD_READ]: NBD_CMD_FLAG.NBD_CMD_FLAG_DF,
-  [NBD_CMD.NBD_CMD_WRITE]: 0,
-  [NBD_CMD.NBD_CMD_DISC]: 0,
-  [NBD_CMD.NBD_CMD_FLUSH]: 0,
-  [NBD_CMD.NBD_CMD_TRIM]: 0,
-  [NBD_CMD.NBD_CMD_CACHE]: 0,
-  [NBD_CMD.NBD_CMD_WRITE_ZEROES]: NBD_CMD_FLAG.NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG.NBD_CMD_FLAG_FAST_ZERO,
-  [NBD_CMD.NBD_CMD_BLOCK_STATUS]: NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE,
-};
-
-/**
- * A receive buffer lent to the socket, and how many holders (payload slices of requests
- * in flight, bytes waiting while input is paused) still use it. It goes back to the pool
- * when the last holder lets go, unless the socket is still reading into it.
- */
-interface RxBuffer {
-  readonly buf: Buffer;
-  refs: number;
-  /** Bytes of `buf` the socket has filled; while it is held, reads go into the rest. */
-  used: number;
-}
-
 /** A request being served. */
 interface Request {
   readonly h: RequestHeader;
@@ -167,14 +108,6 @@ interface Request {
 interface PendingChunk {
   readonly chunk: Buffer;
   readonly rx: RxBuffer | null;
-}
-
-/** An error reply: the NBD errno and a message for structured ERROR chunks. */
-class WireError {
-  constructor(
-    readonly error: BlockError,
-    readonly withOffset = false,
-  ) {}
 }
 
 let nextSessionId = 1;
@@ -200,34 +133,40 @@ export class NbdSession implements ExportSession {
   #sliceRx: RxBuffer[] = [];
   #gatherLength = 0;
   #skip = 0;
+  /** Bytes kept while input is paused, fed in order from #pendingHead (an index, not shift()). */
   #pendingChunks: PendingChunk[] = [];
+  #pendingHead = 0;
   #readPaused = false;
   /** True when the socket reads into buffers this session lends it (else 'data' chunks, never reused). */
   readonly #lent: boolean;
-  /** The receive buffer the socket reads into next (lent mode). */
-  #rx: RxBuffer | null = null;
+  /** The receive buffers lent to the socket (lent mode) and their holders. */
+  readonly #rxBuffers: ReceiveBuffers;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
   #feeding: RxBuffer | null = null;
-  /** Receive buffers with holders (refs > 0), the current one included. */
-  #heldBuffers = 0;
   /** True while #feed runs. */
   #parsing = false;
   /** Input was unpaused while parsing: feed the pending bytes and resume the socket after it. */
   #resumeAfterParse = false;
 
-  // Handshake state.
-  #noZeroes = false;
+  // Handshake state (what the haggling agrees lives in #handshake).
+  readonly #handshake: Handshake;
   #optionCount = 0;
   #option = 0;
-  #mode: Mode = MODE.SIMPLE;
-  /** The export name base:allocation was selected for, or null if none. */
-  #metaExport: string | null = null;
+  /** Extended headers were negotiated: requests use the 32-byte form. Fixed when transmission starts. */
+  #extended = false;
+  /** Bytes of a request header in the negotiated form. */
+  #requestSize: number = NBD_SIZE.COMPACT_REQUEST;
+  /** The replies in that framing, set when transmission starts. */
+  #writer: ReplyWriter | null = null;
+  /** Runs requests on the export's device, set when transmission starts. */
+  #runner: RequestRunner | null = null;
   #handshakeTimer: NodeJS.Timeout | null = null;
 
   // Transmission state.
   #export: Export | null = null;
   #device: BlockDevice | null = null;
-  #tflags = 0;
+  /** What requests are validated against, set when transmission starts. */
+  #vctx: ValidationContext | null = null;
   #current: RequestHeader | null = null;
   #inFlight = 0;
   #inFlightBytes = 0;
@@ -244,10 +183,20 @@ export class NbdSession implements ExportSession {
    */
   constructor(accepted: Socket, host: SessionHost) {
     this.#host = host;
+    const rxBuffers = new ReceiveBuffers(host.pool, host.limits.maxInFlightBytes);
+    this.#rxBuffers = rxBuffers;
+    this.#handshake = new Handshake({
+      maxPayload: host.limits.maxPayload,
+      get shuttingDown() {
+        return host.shuttingDown;
+      },
+      findExport: (name) => host.findExport(name),
+      listExports: () => host.listExports(),
+    });
     const lent = lendReadBuffers(
       accepted,
-      () => this.#nextReceiveBuffer(),
-      (n, buf) => this.#onLentRead(n, buf as Buffer),
+      () => rxBuffers.next(),
+      (n, buf) => this.#onData((buf as Buffer).subarray(0, n), rxBuffers.filled(n)),
     );
     const socket = lent ?? accepted;
     this.#socket = socket;
@@ -300,47 +249,9 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Input
 
-  /**
-   * Where the socket reads next: the whole current buffer when nothing holds it, else
-   * its unused tail while at least ZERO_COPY_MINIMUM is left, else a fresh buffer (a held
-   * one goes back to the pool when its last holder releases it). Filling the tail first
-   * keeps memory near the bytes held: a peer that sends a payload a few bytes per read
-   * must not make every read pin a new receive buffer.
-   */
-  #nextReceiveBuffer(): Buffer {
-    const cur = this.#rx;
-    if (cur) {
-      if (cur.refs === 0) {
-        cur.used = 0;
-        return cur.buf;
-      }
-      if (cur.buf.length - cur.used >= ZERO_COPY_MINIMUM) return cur.buf.subarray(cur.used);
-    }
-    const rx: RxBuffer = { buf: this.#host.pool.get(RECEIVE_BUFFER_SIZE), refs: 0, used: 0 };
-    this.#rx = rx;
-    return rx.buf;
-  }
-
-  /** Bytes the socket read into the current receive buffer (at its `used` offset). */
-  #onLentRead(n: number, into: Buffer): void {
-    const rx = this.#rx!;
-    rx.used += n;
-    this.#onData(into.subarray(0, n), rx);
-  }
-
-  #hold(rx: RxBuffer): void {
-    if (rx.refs++ === 0) this.#heldBuffers++;
-  }
-
-  #release(rx: RxBuffer): void {
-    if (--rx.refs > 0) return;
-    this.#heldBuffers--;
-    if (rx !== this.#rx) this.#host.pool.put(rx.buf);
-  }
-
   #onData(chunk: Buffer, rx: RxBuffer | null): void {
-    if (this.#readPaused || this.#pendingChunks.length > 0) {
-      if (rx) this.#hold(rx);
+    if (this.#readPaused || this.#pendingHead < this.#pendingChunks.length) {
+      if (rx) this.#rxBuffers.hold(rx);
       this.#pendingChunks.push({ chunk, rx });
       return;
     }
@@ -374,7 +285,7 @@ export class NbdSession implements ExportSession {
     while (pos < end) {
       if (this.#readPaused) {
         const rx = this.#feeding;
-        if (rx) this.#hold(rx);
+        if (rx) this.#rxBuffers.hold(rx);
         this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
         return;
       }
@@ -433,7 +344,7 @@ export class NbdSession implements ExportSession {
           this.#slices.push(chunk.subarray(pos, pos + n));
           const rx = this.#feeding;
           if (rx) {
-            this.#hold(rx);
+            this.#rxBuffers.hold(rx);
             this.#sliceRx.push(rx);
           }
           this.#bodyFill += n;
@@ -454,8 +365,8 @@ export class NbdSession implements ExportSession {
           pos += n;
           if (this.#skip === 0) {
             if (this.#state === S.OPTION_SKIP) {
-              this.#optionReply(this.#option, NBD_REP.NBD_REP_ERR_TOO_BIG, 'option data too long');
               this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
+              this.#onStep(this.#handshake.optionTooLong(this.#option));
             } else {
               this.#onDiscarded();
             }
@@ -487,16 +398,8 @@ export class NbdSession implements ExportSession {
   // Handshake
 
   #onClientFlags(flags: number): void {
-    const known = NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE | NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES;
-    if ((flags & ~known) !== 0) {
-      // Spec: the server MUST close on unknown client flags. A client without
-      // C_FIXED_NEWSTYLE speaks plain newstyle (it SHOULD set it, but need not) and is
-      // served: it will send EXPORT_NAME, and hanging up on it would be a hard
-      // disconnect the spec does not allow.
-      this.#log.info({ flags }, 'unknown client flags, closing');
-      return this.#hangUp();
-    }
-    this.#noZeroes = (flags & NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES) !== 0;
+    const outcome = this.#handshake.clientFlags(flags);
+    if (outcome.kind !== 'continue') return this.#onOutcome(outcome);
     this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
   }
 
@@ -516,175 +419,70 @@ export class NbdSession implements ExportSession {
       this.#state = S.OPTION_SKIP;
       return;
     }
-    if (h.length === 0) return this.#onOption(h.option, Buffer.alloc(0));
+    if (h.length === 0) return this.#onOption(h.option, EMPTY);
     this.#body = Buffer.allocUnsafe(h.length);
     this.#bodyFill = 0;
     this.#state = S.OPTION_DATA;
   }
 
-  #optionReply(option: number, type: number, data?: Buffer | string): void {
-    if (!this.#closed) this.#socket.write(encodeOptionReply(option, type, data));
-  }
-
   #onOption(option: number, data: Buffer): void {
     this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
-    const O = NBD_OPT;
-    const R = NBD_REP;
     this.#log.debug({ option: optionName(option), length: data.length }, 'option');
-    if (this.#host.shuttingDown && option !== O.NBD_OPT_ABORT) {
-      if (option === O.NBD_OPT_EXPORT_NAME) return this.#hangUp();
-      return this.#optionReply(option, R.NBD_REP_ERR_SHUTDOWN, 'server is shutting down');
-    }
-    switch (option) {
-      case O.NBD_OPT_EXPORT_NAME: {
-        if (this.#mode === MODE.EXTENDED) {
-          // Forbidden once extended headers are on, and it cannot carry an error: hang up.
-          this.#log.info('EXPORT_NAME after EXTENDED_HEADERS, closing');
-          return this.#hangUp();
-        }
-        const exp = this.#host.findExport(data.toString('utf8'));
-        if (!exp) {
-          this.#log.info({ name: data.toString('utf8') }, 'EXPORT_NAME of an unknown export, closing');
-          return this.#hangUp();
-        }
-        const flags = this.#transmissionFlags(exp);
-        this.#socket.write(encodeExportNameReply(exp.device.size, flags, this.#noZeroes));
-        return this.#enterTransmission(exp, flags);
-      }
-      case O.NBD_OPT_ABORT:
-        this.#optionReply(option, R.NBD_REP_ACK);
+    this.#onStep(this.#handshake.option(option, data));
+  }
+
+  /** Sends a handshake step's replies, then acts on its outcome. */
+  #onStep(step: HandshakeStep): void {
+    if (!this.#closed) for (const r of step.replies) this.#socket.write(r);
+    this.#onOutcome(step.outcome);
+  }
+
+  #onOutcome(outcome: HandshakeOutcome): void {
+    switch (outcome.kind) {
+      case 'continue':
+        return;
+      case 'hangUp':
+        if (outcome.reason !== null) this.#log.info(outcome.reason);
+        return this.#hangUp();
+      case 'abort':
         this.#state = S.IGNORE;
         this.#socket.end();
         return;
-      case O.NBD_OPT_LIST:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'LIST takes no data');
-        for (const exp of this.#host.listExports()) {
-          this.#optionReply(option, R.NBD_REP_SERVER, encodeRepServer(exp.name, exp.description));
-        }
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_STARTTLS:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'STARTTLS takes no data');
-        return this.#optionReply(option, R.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
-      case O.NBD_OPT_INFO:
-      case O.NBD_OPT_GO:
-        return this.#onInfoOrGo(option, data);
-      case O.NBD_OPT_STRUCTURED_REPLY:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'STRUCTURED_REPLY takes no data');
-        if (this.#mode === MODE.EXTENDED) {
-          // The spec's reply for a downgrade from extended headers, which take precedence.
-          return this.#optionReply(option, R.NBD_REP_ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
-        }
-        if (this.#mode !== MODE.SIMPLE) {
-          return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'structured replies are already negotiated');
-        }
-        this.#mode = MODE.STRUCTURED;
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_EXTENDED_HEADERS:
-        if (data.length !== 0) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'EXTENDED_HEADERS takes no data');
-        if (this.#mode === MODE.EXTENDED) {
-          return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'extended headers are already negotiated');
-        }
-        // The metadata context selection stays: the spec lets only a later SET_META_CONTEXT
-        // (or STARTTLS) replace it, and base:allocation fits either descriptor format.
-        this.#mode = MODE.EXTENDED;
-        return this.#optionReply(option, R.NBD_REP_ACK);
-      case O.NBD_OPT_LIST_META_CONTEXT:
-      case O.NBD_OPT_SET_META_CONTEXT:
-        return this.#onMetaContext(option, data);
-      default:
-        return this.#optionReply(option, R.NBD_REP_ERR_UNSUP, `${optionName(option)} is not supported`);
+      case 'transmission':
+        return this.#enterTransmission(outcome.export, outcome.flags, outcome.mode, outcome.metaSelected);
     }
   }
 
-  #onInfoOrGo(option: number, data: Buffer): void {
-    const R = NBD_REP;
-    const req = decodeInfoRequest(data);
-    if (isDecodeError(req)) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, req.error);
-    const exp = this.#host.findExport(req.name);
-    if (!exp) return this.#optionReply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
-    const flags = this.#transmissionFlags(exp);
-    const dev = exp.device;
-    this.#optionReply(option, R.NBD_REP_INFO, encodeInfoExport(dev.size, flags));
-    if (req.infos.includes(NBD_INFO.NBD_INFO_NAME)) {
-      this.#optionReply(option, R.NBD_REP_INFO, encodeInfoString(NBD_INFO.NBD_INFO_NAME, exp.name));
-    }
-    if (req.infos.includes(NBD_INFO.NBD_INFO_DESCRIPTION) && exp.description !== '') {
-      this.#optionReply(option, R.NBD_REP_INFO, encodeInfoString(NBD_INFO.NBD_INFO_DESCRIPTION, exp.description));
-    }
-    // Block sizes are always sent: clients that did not ask may ignore them.
-    const bs = this.#blockSize(dev);
-    this.#optionReply(option, R.NBD_REP_INFO, encodeInfoBlockSize(bs.minimum, bs.preferred, bs.maximum));
-    this.#optionReply(option, R.NBD_REP_ACK);
-    if (option === NBD_OPT.NBD_OPT_GO) this.#enterTransmission(exp, flags);
-  }
-
-  #onMetaContext(option: number, data: Buffer): void {
-    const R = NBD_REP;
-    if (this.#mode === MODE.SIMPLE) {
-      return this.#optionReply(option, R.NBD_REP_ERR_INVALID, 'negotiate structured replies first');
-    }
-    const set = option === NBD_OPT.NBD_OPT_SET_META_CONTEXT;
-    if (set) this.#metaExport = null; // a SET replaces all earlier selections, even if it fails
-    const req = decodeMetaContextRequest(data);
-    if (isDecodeError(req)) return this.#optionReply(option, R.NBD_REP_ERR_INVALID, req.error);
-    const exp = this.#host.findExport(req.name);
-    if (!exp) return this.#optionReply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
-    // Which queries select base:allocation: for LIST, none (= all), "base:" (the namespace
-    // wildcard) or the full name; for SET, only the full name. Unknown names are ignored.
-    const selects = set
-      ? req.queries.includes(BASE_ALLOCATION)
-      : req.queries.length === 0 || req.queries.some((q) => q === BASE_ALLOCATION || q === 'base:');
-    if (selects) {
-      this.#optionReply(option, R.NBD_REP_META_CONTEXT, encodeRepMetaContext(set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION));
-      if (set) this.#metaExport = exp.name;
-    }
-    this.#optionReply(option, R.NBD_REP_ACK);
-  }
-
-  #blockSize(dev: BlockDevice): { minimum: number; preferred: number; maximum: number } {
-    const b = dev.blockSize;
-    const maximum = Math.max(Math.min(b.maximum, this.#host.limits.maxPayload), b.preferred);
-    return { minimum: b.minimum, preferred: b.preferred, maximum };
-  }
-
-  #transmissionFlags(exp: Export): number {
-    const F = NBD_FLAG;
-    const c = exp.device.capabilities;
-    let f = F.NBD_FLAG_HAS_FLAGS | F.NBD_FLAG_SEND_CACHE;
-    if (c.flush) f |= F.NBD_FLAG_SEND_FLUSH;
-    if (exp.readOnly) {
-      f |= F.NBD_FLAG_READ_ONLY;
-    } else {
-      if (c.fua) f |= F.NBD_FLAG_SEND_FUA;
-      if (c.trim) f |= F.NBD_FLAG_SEND_TRIM;
-      if (c.zero) {
-        f |= F.NBD_FLAG_SEND_WRITE_ZEROES;
-        if (c.fastZero) f |= F.NBD_FLAG_SEND_FAST_ZERO;
-      }
-    }
-    if (this.#mode !== MODE.SIMPLE) f |= F.NBD_FLAG_SEND_DF;
-    if (c.multiConn) f |= F.NBD_FLAG_CAN_MULTI_CONN;
-    return f;
-  }
-
-  #enterTransmission(exp: Export, flags: number): void {
+  #enterTransmission(exp: Export, flags: number, mode: Mode, metaSelected: boolean): void {
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
-    if (this.#metaExport !== null && this.#metaExport !== exp.name) this.#metaExport = null;
+    this.#extended = mode === MODE.EXTENDED;
+    this.#requestSize = this.#extended ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST;
+    this.#writer = replyWriter(mode, (buf, release) => this.#send(buf, release), this.#host.pool);
+    this.#runner = new RequestRunner({ export: exp, pool: this.#host.pool, limits: this.#host.limits, writer: this.#writer, holder: this });
     this.#export = exp;
     this.#device = exp.device;
-    this.#tflags = flags;
+    this.#vctx = {
+      mode,
+      tflags: flags,
+      readOnly: exp.readOnly,
+      metaSelected,
+      device: exp.device,
+      maxPayload: this.#host.limits.maxPayload,
+      shuttingDown: false,
+      hasPayload: false,
+    };
     this.cursor = exp.errseq.sample();
     exp.attach(this);
-    this.#log.info({ export: exp.name, mode: this.#mode, flags }, 'transmission');
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#log.info({ export: exp.name, mode, flags }, 'transmission');
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
   }
 
   // -------------------------------------------------------------------------------
   // Transmission: framing
 
   #onRequestHeader(buf: Buffer, off: number): void {
-    const extended = this.#mode === MODE.EXTENDED;
+    const extended = this.#extended;
     const h = extended ? decodeExtendedRequest(buf, off) : decodeCompactRequest(buf, off);
     if (!h.magicOk) {
       // The stream is out of sync: nothing after this can be trusted.
@@ -711,7 +509,7 @@ export class NbdSession implements ExportSession {
     this.#current = h;
     if (h.length === 0) return this.#onWritePayload(EMPTY, null);
     const dev = this.#device!;
-    if (dev.writev && (!this.#lent || this.#mayHold(h.length, dev.nonBlocking))) {
+    if (dev.writev && (!this.#lent || this.#rxBuffers.mayHold(h.length, dev.nonBlocking))) {
       // Zero copy: the device takes the payload as the socket delivered it.
       this.#gatherLength = h.length;
       this.#bodyFill = 0;
@@ -724,29 +522,17 @@ export class NbdSession implements ExportSession {
     this.#state = S.WRITE_PAYLOAD;
   }
 
-  /**
-   * Whether a WRITE payload of `length` bytes may stay in the receive buffers (lent mode).
-   * Held buffers are bounded by the in-flight byte budget: a slow device completing out
-   * of order could otherwise keep one receive buffer per 64 KiB payload in flight (and
-   * two for a payload straddling buffers), up to 32x the budget. Past the bound, payloads
-   * are copied into the pool like small ones, which the budget itself bounds.
-   */
-  #mayHold(length: number, nonBlocking: boolean): boolean {
-    if (length < ZERO_COPY_MINIMUM && !nonBlocking) return false;
-    return (this.#heldBuffers + 2) * RECEIVE_BUFFER_SIZE <= this.#host.limits.maxInFlightBytes;
-  }
-
   #onWritePayload(data: Payload, owner: Buffer | null, rx: readonly RxBuffer[] | null = null): void {
     const h = this.#current!;
     this.#current = null;
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
     this.#dispatch(h, data, owner, rx);
   }
 
   #onDiscarded(): void {
     const h = this.#current!;
     this.#current = null;
-    this.#expect(S.REQUEST_HEADER, this.#mode === MODE.EXTENDED ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
+    this.#expect(S.REQUEST_HEADER, this.#requestSize);
     const msg =
       h.type === NBD_CMD.NBD_CMD_WRITE
         ? `write of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`
@@ -785,11 +571,15 @@ export class NbdSession implements ExportSession {
       : 0;
     const req: Request = { h, cost, owner, rx };
     this.#begin(cost);
-    const invalid = this.#validate(h, payload);
+    const ctx = this.#vctx!;
+    ctx.shuttingDown = this.#host.shuttingDown;
+    ctx.hasPayload = payload !== null;
+    const invalid = validateRequest(h, ctx);
     if (invalid) return this.#finish(req, new WireError(invalid));
-    this.#run(req, payload).then(
+    const runner = this.#runner!;
+    runner.run(h, payload).then(
       (result) => this.#finish(req, result),
-      (e: unknown) => this.#finish(req, new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ)),
+      (e: unknown) => this.#finish(req, runner.failed(h, e)),
     );
   }
 
@@ -800,226 +590,6 @@ export class NbdSession implements ExportSession {
     return Math.min(blocks, this.#host.limits.maxExtents) * STATUS_DESCRIPTOR_BYTES;
   }
 
-  /** The one place a request is checked before it reaches the device. Returns the error, or null. */
-  #validate(h: RequestHeader, payload: Payload | null): BlockError | null {
-    const C = NBD_CMD;
-    const FL = NBD_CMD_FLAG;
-    if (this.#host.shuttingDown) return new BlockError('ESHUTDOWN', 'server is shutting down');
-    const allowed = ALLOWED_FLAGS[h.type];
-    if (allowed === undefined) return new BlockError('EINVAL', `unknown command ${h.type}`);
-    const dev = this.#device!;
-    let ok = allowed;
-    if (this.#tflags & NBD_FLAG.NBD_FLAG_SEND_FUA) ok |= FL.NBD_CMD_FLAG_FUA;
-    if (this.#mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE) ok |= FL.NBD_CMD_FLAG_PAYLOAD_LEN;
-    if (!(this.#tflags & NBD_FLAG.NBD_FLAG_SEND_DF)) ok &= ~FL.NBD_CMD_FLAG_DF;
-    if (!(this.#tflags & NBD_FLAG.NBD_FLAG_SEND_FAST_ZERO)) ok &= ~FL.NBD_CMD_FLAG_FAST_ZERO;
-    if (h.flags & ~ok) {
-      return new BlockError('EINVAL', `flags 0x${h.flags.toString(16)} are not valid for ${commandName(h.type)}`);
-    }
-    if (this.#mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE && payload === null) {
-      return new BlockError('EINVAL', 'WRITE without NBD_CMD_FLAG_PAYLOAD_LEN');
-    }
-    switch (h.type) {
-      case C.NBD_CMD_FLUSH:
-        if (h.offset !== 0 || h.length !== 0) return new BlockError('EINVAL', 'FLUSH offset and length must be 0');
-        return null;
-      case C.NBD_CMD_READ:
-        // EINVAL, as for an oversized WRITE: the spec asks for it above the advertised
-        // maximum and keeps EOVERFLOW for DF and for payload-less commands.
-        if (h.length > this.#host.limits.maxPayload) {
-          return new BlockError('EINVAL', `READ of ${h.length} bytes exceeds the maximum payload of ${this.#host.limits.maxPayload}`);
-        }
-        break;
-      case C.NBD_CMD_TRIM:
-        if (this.#export!.readOnly) return new BlockError('EPERM', 'the export is read-only');
-        break;
-      case C.NBD_CMD_WRITE:
-      case C.NBD_CMD_WRITE_ZEROES:
-        if (this.#export!.readOnly) return new BlockError('EPERM', 'the export is read-only');
-        break;
-      case C.NBD_CMD_BLOCK_STATUS:
-        if (this.#metaExport === null) return new BlockError('EINVAL', 'no metadata context was selected (SET_META_CONTEXT)');
-        if (h.length === 0) return new BlockError('EINVAL', 'BLOCK_STATUS of length 0');
-        break;
-    }
-    const op =
-      h.type === C.NBD_CMD_READ ? 'read'
-      : h.type === C.NBD_CMD_WRITE ? 'write'
-      : h.type === C.NBD_CMD_TRIM ? 'trim'
-      : h.type === C.NBD_CMD_WRITE_ZEROES ? 'zero'
-      : h.type === C.NBD_CMD_CACHE ? 'cache'
-      : 'extents';
-    try {
-      validateRequest(dev, op, h.offset, h.length);
-      checkAlignment(dev, op, h.offset, h.length);
-    } catch (e) {
-      const be = toBlockError(e);
-      return new BlockError(be.code, `${commandName(h.type)}: ${be.message}`);
-    }
-    return null;
-  }
-
-  /** Runs a validated request on the device; resolves to the reply to send. */
-  async #run(req: Request, payload: Payload | null): Promise<Reply> {
-    const h = req.h;
-    const dev = this.#device!;
-    const fua = h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_FUA ? REQ.FUA : 0;
-    switch (h.type) {
-      case NBD_CMD.NBD_CMD_READ:
-        return this.#read(h);
-      case NBD_CMD.NBD_CMD_WRITE:
-        if (Array.isArray(payload)) await dev.writev!(payload, h.offset, fua);
-        else await dev.write(payload as Buffer, h.offset, fua);
-        return null;
-      case NBD_CMD.NBD_CMD_FLUSH:
-        return this.#flush();
-      case NBD_CMD.NBD_CMD_TRIM:
-        if (h.length > 0) await dev.trim(h.offset, h.length, fua);
-        return null;
-      case NBD_CMD.NBD_CMD_WRITE_ZEROES: {
-        let flags = fua;
-        if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_NO_HOLE) flags |= REQ.NO_HOLE;
-        if (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_FAST_ZERO) flags |= REQ.FAST_ZERO;
-        if (h.length > 0) await dev.zero(h.offset, h.length, flags);
-        return null;
-      }
-      case NBD_CMD.NBD_CMD_CACHE:
-        // A hint whose failure changes nothing else, but the spec still wants it reported:
-        // "If an error occurs, the server MUST set the appropriate error code".
-        if (h.length > 0) await dev.cache(h.offset, h.length, 0);
-        return null;
-      case NBD_CMD.NBD_CMD_BLOCK_STATUS:
-        return this.#blockStatus(h);
-      default:
-        throw new BlockError('EINVAL', `unknown command ${h.type}`);
-    }
-  }
-
-  /**
-   * FLUSH: the backend's flush error, else any write-back error recorded on the export
-   * since this session's cursor (errseq). A backend flush failure is also recorded, so
-   * every other session hears of it once, at its own next FLUSH; the cursor advances in
-   * both cases (Linux syncfs: `ret ? ret : ret2`).
-   */
-  async #flush(): Promise<Reply> {
-    const exp = this.#export!;
-    let backendError: BlockError | null = null;
-    try {
-      await this.#device!.flush(0);
-    } catch (e) {
-      backendError = toBlockError(e);
-      exp.errseq.set(backendError.errno);
-    }
-    const { error, cursor } = exp.errseq.checkAndAdvance(this.cursor);
-    this.cursor = cursor;
-    if (backendError) return new WireError(backendError);
-    if (error !== 0) {
-      const code = codeFromLinux(error) ?? 'EIO';
-      return new WireError(new BlockError(code, `a write-back error (${code}) happened since this connection's last flush; data may have been lost`));
-    }
-    return null;
-  }
-
-  /**
-   * A durability failure (BlockError.writeback: a FUA write whose fdatasync failed) is
-   * this request's reply, and also the export's news: it is recorded so every other
-   * session hears of it at its next FLUSH, and this session's cursor moves past it so
-   * this session is not told twice.
-   */
-  #recordWriteback(e: BlockError): BlockError {
-    if (e.writeback && this.#export) {
-      const errseq = this.#export.errseq;
-      errseq.set(e.errno);
-      this.cursor = errseq.checkAndAdvance(this.cursor).cursor;
-    }
-    return e;
-  }
-
-  async #read(h: RequestHeader): Promise<Reply> {
-    const dev = this.#device!;
-    const len = h.length;
-    const prefix = this.#readHeaderSize();
-    const sparse =
-      this.#mode !== MODE.SIMPLE &&
-      dev.capabilities.extents &&
-      len >= this.#host.limits.sparseReadMinimum &&
-      !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
-    let knownRuns: Extent[] | null | undefined;
-    if (dev.readViews && len > 0) {
-      // Zero copy unless there are holes worth sending as hole chunks.
-      knownRuns = sparse ? await this.#zeroRuns(h.offset, len) : null;
-      if (knownRuns === null) return { views: dev.readViews(h.offset, len) };
-    }
-    const owner = this.#host.pool.get(prefix + len);
-    const buf = owner.subarray(0, prefix + len);
-    try {
-      const [, zeroRuns] = await Promise.all([
-        len > 0 ? dev.read(buf.subarray(prefix), h.offset, 0) : undefined,
-        knownRuns !== undefined ? knownRuns : sparse ? this.#zeroRuns(h.offset, len) : null,
-      ]);
-      return { buf, owner, prefix, zeroRuns };
-    } catch (e) {
-      this.#host.pool.put(owner);
-      throw e;
-    }
-  }
-
-  /** Ranges of a read that read as zeroes (from extents), or null if there are none worth sending as holes. */
-  async #zeroRuns(offset: number, length: number): Promise<Extent[] | null> {
-    const dev = this.#device!;
-    const end = offset + length;
-    const runs: Extent[] = [];
-    let at = offset;
-    // Bounded: a read covers at most maxPayload bytes; stop after a fixed number of queries.
-    for (let q = 0; at < end && q < 64; q++) {
-      const ext = await dev.extents(at, end - at, 0);
-      if (ext.length === 0) break;
-      for (const e of ext) {
-        const s = Math.max(e.offset, at);
-        const t = Math.min(e.offset + e.length, end);
-        if (t <= s) continue;
-        if (e.flags & EXTENT.ZERO) runs.push({ offset: s, length: t - s, flags: EXTENT.ZERO });
-        at = t;
-        if (at >= end) break;
-      }
-    }
-    return runs.length > 0 ? runs : null;
-  }
-
-  async #blockStatus(h: RequestHeader): Promise<Reply> {
-    const dev = this.#device!;
-    const reqOne = (h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_REQ_ONE) !== 0;
-    const end = h.offset + h.length;
-    const max = reqOne ? 1 : this.#host.limits.maxExtents;
-    const descs: { length: number; flags: number }[] = [];
-    if (!dev.capabilities.extents) {
-      descs.push({ length: h.length, flags: 0 });
-    } else {
-      let at = h.offset;
-      // Each query advances `at` by at least one extent, so this ends; the cap bounds the reply.
-      while (at < end && descs.length < max) {
-        const ext = await dev.extents(at, end - at, reqOne ? REQ.REQ_ONE : 0);
-        if (ext.length === 0) throw new BlockError('EIO', 'the device returned no extents');
-        let progressed = false;
-        for (const e of ext) {
-          const s = Math.max(e.offset, at);
-          const t = Math.min(e.offset + e.length, end);
-          if (t <= s) continue;
-          if (e.offset > at) throw new BlockError('EIO', `the device returned an extent at ${e.offset}, expected ${at}`);
-          const last = descs[descs.length - 1];
-          if (last && last.flags === e.flags && last.length + (t - s) <= 0xffff_ffff) last.length += t - s;
-          else if (descs.length < max) descs.push({ length: t - s, flags: e.flags & 3 });
-          else break;
-          at = t;
-          progressed = true;
-          if (at >= end || reqOne) break;
-        }
-        if (!progressed || reqOne) break;
-      }
-    }
-    return { descs };
-  }
-
   // -------------------------------------------------------------------------------
   // Replies
 
@@ -1028,7 +598,7 @@ export class NbdSession implements ExportSession {
     this.#inFlightBytes -= req.cost;
     // The device is done with the payload (BlockDevice.write must not keep it).
     if (req.owner) this.#host.pool.put(req.owner);
-    if (req.rx) for (const r of req.rx) this.#release(r);
+    if (req.rx) for (const r of req.rx) this.#rxBuffers.release(r);
     if (!this.#closed) {
       // The last request in flight: nothing else can join this batch, so its reply leaves
       // now (one writev) rather than at the end of the event-loop turn. At queue depth 1
@@ -1080,128 +650,24 @@ export class NbdSession implements ExportSession {
   };
 
   #reply(h: RequestHeader, result: Reply): void {
-    if (result instanceof WireError) return this.#replyError(h, result);
-    if (result === null) return this.#replyDone(h);
-    if ('descs' in result) return this.#replyBlockStatus(h, result.descs);
-    if ('views' in result) return this.#replyViews(h, result.views);
+    const w = this.#writer!;
+    if (result instanceof WireError) return this.#replyError(w, h, result);
+    if (result === null) return w.done(h);
+    if ('descs' in result) return w.blockStatus(h, result.descs);
+    if ('views' in result) {
+      if (this.#closed) return;
+      return w.views(h, result.views);
+    }
     if (this.#closed) return this.#host.pool.put(result.owner);
-    return this.#replyRead(h, result);
+    w.read(h, result);
   }
 
-  #replyDone(h: RequestHeader): void {
-    if (this.#mode === MODE.EXTENDED) {
-      const b = Buffer.allocUnsafe(NBD_SIZE.EXTENDED_REPLY_HEADER);
-      writeExtendedHeader(b, 0, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, h.cookie, h.offset, 0);
-      return this.#send(b);
-    }
-    // With structured replies, a simple reply is still allowed for anything but READ.
-    const b = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
-    writeSimpleReply(b, 0, 0, h.cookie);
-    this.#send(b);
-  }
-
-  #replyError(h: RequestHeader, w: WireError): void {
-    const e = w.error;
-    const errno = toNbdError(e.code);
+  #replyError(w: ReplyWriter, h: RequestHeader, err: WireError): void {
+    const e = err.error;
     if (e.code !== 'ESHUTDOWN') this.#log.debug({ cmd: commandName(h.type), code: e.code, msg: e.message }, 'request failed');
-    if (this.#mode === MODE.SIMPLE) {
-      const b = Buffer.allocUnsafe(NBD_SIZE.SIMPLE_REPLY);
-      writeSimpleReply(b, 0, errno, h.cookie);
-      return this.#send(b);
-    }
-    const withOffset =
-      w.withOffset && e.offset !== undefined && e.offset >= h.offset && e.offset < h.offset + h.length;
-    const payload = encodeErrorPayload(errno, e.message, withOffset ? e.offset : undefined);
-    this.#sendChunk(h, DONE, errorChunkType(withOffset), payload);
-  }
-
-  /** Sends one structured or extended chunk with a separate payload buffer. */
-  #sendChunk(h: RequestHeader, flags: number, type: number, payload: Buffer): void {
-    const ext = this.#mode === MODE.EXTENDED;
-    const hdr = Buffer.allocUnsafe(ext ? NBD_SIZE.EXTENDED_REPLY_HEADER : NBD_SIZE.STRUCTURED_REPLY_HEADER);
-    if (ext) writeExtendedHeader(hdr, 0, flags, type, h.cookie, h.offset, payload.length);
-    else writeStructuredHeader(hdr, 0, flags, type, h.cookie, payload.length);
-    this.#send(hdr);
-    if (payload.length > 0) this.#send(payload);
-  }
-
-  /** Bytes in front of the data of a READ answered in one piece: a simple reply, or an OFFSET_DATA chunk header and its offset. */
-  #readHeaderSize(): number {
-    return this.#mode === MODE.SIMPLE ? NBD_SIZE.SIMPLE_REPLY
-      : this.#mode === MODE.STRUCTURED ? NBD_SIZE.STRUCTURED_REPLY_HEADER + 8
-      : NBD_SIZE.EXTENDED_REPLY_HEADER + 8;
-  }
-
-  /** Writes the #readHeaderSize() bytes in front of a READ's whole data: success, the data follows. */
-  #writeReadHeader(buf: Buffer, h: RequestHeader): void {
-    if (this.#mode === MODE.SIMPLE) writeSimpleReply(buf, 0, 0, h.cookie);
-    else this.#writeDataHeader(buf, h, DONE, h.offset, h.length);
-  }
-
-  /** A whole READ as one data reply whose data are the device's own views (one writev with the header). */
-  #replyViews(h: RequestHeader, views: readonly Buffer[]): void {
-    if (this.#closed) return;
-    const head = Buffer.allocUnsafe(this.#readHeaderSize());
-    this.#writeReadHeader(head, h);
-    this.#send(head);
-    for (const v of views) this.#send(v);
-  }
-
-  #replyRead(h: RequestHeader, r: ReadResult): void {
-    const { buf, prefix, owner } = r;
-    if (this.#mode !== MODE.SIMPLE && h.length === 0) {
-      // A zero-length READ still needs a final chunk, and never a simple reply.
-      this.#host.pool.put(owner);
-      return this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, EMPTY);
-    }
-    if (this.#mode === MODE.SIMPLE || r.zeroRuns === null) {
-      this.#writeReadHeader(buf, h);
-      return this.#send(buf, owner);
-    }
-    // Sparse: data chunks for the data, hole chunks for zero runs, the last one DONE.
-    const data = buf.subarray(prefix);
-    const pieces: { offset: number; length: number; hole: boolean }[] = [];
-    let at = h.offset;
-    const end = h.offset + h.length;
-    for (const z of r.zeroRuns) {
-      if (z.offset > at) pieces.push({ offset: at, length: z.offset - at, hole: false });
-      pieces.push({ offset: z.offset, length: z.length, hole: true });
-      at = z.offset + z.length;
-    }
-    if (at < end) pieces.push({ offset: at, length: end - at, hole: false });
-    pieces.forEach((p, i) => {
-      const flags = i === pieces.length - 1 ? DONE : 0;
-      if (p.hole) {
-        this.#sendChunk(h, flags, NBD_REPLY_TYPE.NBD_REPLY_TYPE_OFFSET_HOLE, encodeHolePayload(p.offset, p.length));
-      } else {
-        const hdr = Buffer.allocUnsafe(prefix);
-        this.#writeDataHeader(hdr, h, flags, p.offset, p.length);
-        this.#send(hdr);
-        this.#send(data.subarray(p.offset - h.offset, p.offset - h.offset + p.length));
-      }
-    });
-    // Writes complete in order: once an empty write queued after the pieces is done, so are they.
-    this.#send(EMPTY, owner);
-  }
-
-  /** Writes an OFFSET_DATA chunk header plus its u64 offset into the first `prefix` bytes of `buf`. */
-  #writeDataHeader(buf: Buffer, h: RequestHeader, flags: number, offset: number, length: number): void {
-    const T = NBD_REPLY_TYPE.NBD_REPLY_TYPE_OFFSET_DATA;
-    if (this.#mode === MODE.EXTENDED) {
-      writeExtendedHeader(buf, 0, flags, T, h.cookie, h.offset, length + 8);
-      writeU64(buf, offset, NBD_SIZE.EXTENDED_REPLY_HEADER);
-    } else {
-      writeStructuredHeader(buf, 0, flags, T, h.cookie, length + 8);
-      writeU64(buf, offset, NBD_SIZE.STRUCTURED_REPLY_HEADER);
-    }
-  }
-
-  #replyBlockStatus(h: RequestHeader, descs: Descriptor[]): void {
-    if (this.#mode === MODE.EXTENDED) {
-      this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, encodeBlockStatusExt(BASE_ALLOCATION_ID, descs));
-    } else {
-      this.#sendChunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS, encodeBlockStatus(BASE_ALLOCATION_ID, descs));
-    }
+    // The failing offset is sent only if it lies inside the request (a read's own failure).
+    const withOffset = err.withOffset && e.offset !== undefined && e.offset >= h.offset && e.offset < h.offset + h.length;
+    w.error(h, nbdErrno(e, h.type, h.flags), e.message, withOffset ? e.offset : undefined);
   }
 
   // -------------------------------------------------------------------------------
@@ -1237,11 +703,16 @@ export class NbdSession implements ExportSession {
 
   /** Feeds the bytes kept while paused, in order, then lets the socket read again. */
   #resumeInput(): void {
-    // Rare (input was paused), so shift() on a short array is fine here.
-    while (this.#pendingChunks.length > 0 && !this.#readPaused) {
-      const { chunk, rx } = this.#pendingChunks.shift()!;
+    // The fields, not locals: feeding can pause again (and queue the rest) or resume
+    // the feeding from inside #feed.
+    while (this.#pendingHead < this.#pendingChunks.length && !this.#readPaused) {
+      const { chunk, rx } = this.#pendingChunks[this.#pendingHead++]!;
       this.#feed(chunk, rx);
-      if (rx) this.#release(rx);
+      if (rx) this.#rxBuffers.release(rx);
+    }
+    if (this.#pendingHead === this.#pendingChunks.length) {
+      this.#pendingChunks = [];
+      this.#pendingHead = 0;
     }
     if (!this.#readPaused && !this.#closed) this.#socket.resume();
   }
@@ -1264,10 +735,8 @@ export class NbdSession implements ExportSession {
     this.#closed = true;
     this.#state = S.IGNORE;
     this.#pendingChunks = [];
-    // The socket reads no more: its buffer goes back unless a request still holds it.
-    const rx = this.#rx;
-    this.#rx = null;
-    if (rx && rx.refs === 0) this.#host.pool.put(rx.buf);
+    this.#pendingHead = 0;
+    this.#rxBuffers.close();
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);
@@ -1275,18 +744,3 @@ export class NbdSession implements ExportSession {
     this.#host.sessionClosed(this);
   }
 }
-
-/** A successful READ: the buffer with `prefix` bytes of header room, and zero runs for sparse replies. */
-interface ReadResult {
-  readonly buf: Buffer;
-  /** The pooled buffer `buf` is a view of; back to the pool once the reply is written. */
-  readonly owner: Buffer;
-  readonly prefix: number;
-  readonly zeroRuns: Extent[] | null;
-}
-
-/** A WRITE payload: one buffer, or the socket's pieces for a device with writev. */
-type Payload = Buffer | Buffer[];
-
-/** What a request resolves to: null = plain success, read data (copied or as device views), block status, or an error. */
-type Reply = null | ReadResult | { readonly views: readonly Buffer[] } | { readonly descs: Descriptor[] } | WireError;
