@@ -1,6 +1,9 @@
 /**
  * `blockgate serve`: builds the exports from the command line or a config file, serves
- * them over NBD, and shuts down gracefully on SIGINT/SIGTERM. `--run` is nbdkit's
+ * them over NBD, and shuts down gracefully on SIGINT, SIGTERM and SIGHUP (SIGHUP: a
+ * closed terminal or a service manager's stop must not lose what write-back caches
+ * hold, and reloading the config in place would have to rebuild stacks under live
+ * sessions, so SIGHUP does what SIGTERM does; docs/CONFIG.md). `--run` is nbdkit's
  * captive mode: serve on a private unix socket, run a command with `$uri` set, and exit
  * with the command's status.
  *
@@ -16,7 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { shutdownSignal, stderrLogger } from './daemon.js';
+import { SHUTDOWN_SIGNALS, shutdownSignal, stderrLogger } from './daemon.js';
 import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../export/registry.js';
 import { NbdServer, type ListenAddress } from '../nbd/index.js';
@@ -33,6 +36,9 @@ import {
   parseExportSpec,
   type ServeConfig,
 } from './config.js';
+
+/** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
+const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
 
 interface ServeFlags {
   config?: string;
@@ -151,6 +157,8 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
   }
+  // Installed before the URI is printed, so whoever waits for the URI can signal at once.
+  const stopSignal = flags.run ? undefined : shutdownSignal(log, SERVE_STOP_SIGNALS);
   if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!, defaultName)}\n`);
 
   const stop = async (): Promise<void> => {
@@ -164,8 +172,8 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     const uri = nbdUri(bound[0]!, defaultName);
     const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env: { ...process.env, uri, nbd: uri } });
     const forward = (sig: NodeJS.Signals) => child.kill(sig);
-    process.on('SIGINT', forward);
-    process.on('SIGTERM', forward);
+    // The command decides what a signal means to it; serve stops when it exits.
+    for (const sig of SERVE_STOP_SIGNALS) process.on(sig, forward);
     const status = await new Promise<number>((resolve) => {
       child.on('error', (err) => {
         log.error({ err }, '--run: cannot start the command');
@@ -177,7 +185,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     return status;
   }
 
-  await shutdownSignal(log);
+  await stopSignal;
   await stop();
   return 0;
 }

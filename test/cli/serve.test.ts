@@ -90,6 +90,44 @@ describe('blockgate CLI', () => {
     assert.equal(await exited(child), 0);
   });
 
+  test('SIGHUP shuts serve down gracefully like SIGTERM: exit 0, not death by the signal (129)', async () => {
+    const file = path.join(tmp, 'hup.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    const cfg = path.join(tmp, 'hup.json');
+    fs.writeFileSync(
+      cfg,
+      JSON.stringify({
+        listen: [{ host: '127.0.0.1', port: 0 }],
+        exports: [{ name: '', backend: { type: 'file', path: file }, filters: [{ type: 'writeback', maxDirty: '8M' }] }],
+      }),
+    );
+    const { child } = await startServe(['--config', cfg, '--no-control']);
+    // Reaching this point means the server listens; it may not exit until signalled.
+    const code = exited(child);
+    child.kill('SIGHUP');
+    assert.equal(await code, 0, 'SIGHUP is not fatal (it used to exit 129 by signal)');
+    assert.equal(child.signalCode, null);
+  });
+
+  test('SIGHUP writes back what a client wrote but never flushed before serve exits', async () => {
+    const file = path.join(tmp, 'hup2.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    const cfg = path.join(tmp, 'hup2.json');
+    fs.writeFileSync(
+      cfg,
+      JSON.stringify({
+        listen: [{ host: '127.0.0.1', port: 0 }],
+        exports: [{ name: '', backend: { type: 'file', path: file }, filters: [{ type: 'writeback', maxDirty: '8M' }] }],
+      }),
+    );
+    const { child, uri } = await startServe(['--config', cfg, '--no-control']);
+    await runOk('nbdsh', ['-u', uri, '-c', "h.pwrite(b'hup!' * 1024, 4096)"]);
+    const code = exited(child);
+    child.kill('SIGHUP');
+    assert.equal(await code, 0);
+    assert.equal(fs.readFileSync(file).subarray(4096, 8192).toString(), 'hup!'.repeat(1024));
+  });
+
   test('IPv6 loopback listener', async () => {
     const { child, uri } = await startServe(['-a', '::1', '-p', '0', 'memory:1M']);
     assert.match(uri, /^nbd:\/\/\[::1\]:\d+\/$/);
