@@ -40,6 +40,9 @@ import {
 /** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
 
+/** The flags whose settings a config file holds (as ServeFlags keys); refused with --config. */
+const CONFIG_CONFLICTS = ['address', 'port', 'unix', 'readOnly', 'defaultExport', 'description'] satisfies (keyof ServeFlags)[];
+
 interface ServeFlags {
   config?: string;
   address: string[];
@@ -63,7 +66,11 @@ export function nbdUri(addr: ListenAddress, exportName: string): string {
   return `nbd://${host}:${addr.port}/${name}`;
 }
 
-/** Turns command-line flags into a config (the same shape `--config` files have). */
+/**
+ * Turns command-line flags into a config (the same shape `--config` files have). With
+ * `config` set, the listen and export flags must be absent (the command refuses them,
+ * CONFIG_CONFLICTS).
+ */
 export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig {
   if (flags.config) {
     if (specs.length > 0) throw new BlockError('EINVAL', 'give exports either on the command line or in --config, not both');
@@ -197,7 +204,13 @@ export function serveCommand(): Command {
       '[export...]',
       'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH), NAME=... to name one',
     )
-    .option('-c, --config <file>', 'JSON configuration file (exports, filters, listeners); see docs/CONFIG.md')
+    .addOption(
+      // The file says where to listen and what to serve; rather than guess which of the
+      // two wins, commander refuses these flags next to --config with a one-line error.
+      new Option('-c, --config <file>', 'JSON configuration file (exports, filters, listeners); see docs/CONFIG.md').conflicts(
+        CONFIG_CONFLICTS,
+      ),
+    )
     .option('-a, --address <host>', 'listen on this address (repeatable; IPv6 allowed)', (v: string, prev: string[]) => [...prev, v], [] as string[])
     .option('-p, --port <port>', 'TCP port', String(DEFAULT_PORT))
     .option('-U, --unix <path>', 'listen on a unix socket instead of TCP')

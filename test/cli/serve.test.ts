@@ -156,6 +156,18 @@ describe('blockgate CLI', () => {
     assert.equal(info.exports[0]!.description, 'the pattern');
   });
 
+  test('--config refuses -p, -a, -U, -r, -D and -e with a one-line error instead of ignoring them', async () => {
+    const cfg = path.join(tmp, 'conflict.json');
+    fs.writeFileSync(cfg, JSON.stringify({ exports: [{ name: 'a', backend: { type: 'memory', size: '1M' } }] }));
+    const flags = [['-p', '10999'], ['-a', '::1'], ['-U', path.join(tmp, 'x.sock')], ['-r'], ['-D', 'text'], ['-e', 'a']];
+    const results = await Promise.all(flags.map((f) => blockgate(['serve', '--config', cfg, ...f, '--run', 'true'])));
+    results.forEach((r, i) => {
+      assert.equal(r.code, 1, `${flags[i]![0]}: ${r.stderr}`);
+      assert.match(r.stderr, /^error: option '-c, --config <file>' cannot be used with option '.*'\n$/, flags[i]![0]);
+      assert.ok(r.stderr.includes(`'${flags[i]![0]}, `), `the message names ${flags[i]![0]}: ${r.stderr}`);
+    });
+  });
+
   test('bad config keys are named in the error', async () => {
     const cfg = path.join(tmp, 'bad.json');
     fs.writeFileSync(cfg, JSON.stringify({ exports: [{ name: 'a', backend: { type: 'memory', size: '1M' }, readonly: true }] }));
