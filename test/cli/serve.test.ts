@@ -81,6 +81,34 @@ describe('blockgate CLI', () => {
     assert.equal(byName.get('')?.is_read_only, true);
   });
 
+  test('serve -r opens a file backend read-only: a chmod 0444 file is served with its fd O_RDONLY', async () => {
+    const file = path.join(tmp, 'ro.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20, 3));
+    fs.chmodSync(file, 0o444);
+    const { child, uri } = await startServe(['-p', '0', '--no-control', '-r', file]);
+    try {
+      const r = await runOk('nbdsh', ['-u', uri, '-c', 'print(h.is_read_only(), h.pread(4, 0) == bytes([3] * 4))']);
+      assert.equal(r.stdout.trim(), 'True True');
+      // Root may open a 0444 file for writing, so look at how the server opened it.
+      const fdDir = `/proc/${child.pid}/fd`;
+      const fd = fs.readdirSync(fdDir).find((n) => {
+        try {
+          return fs.readlinkSync(path.join(fdDir, n)) === file;
+        } catch {
+          return false;
+        }
+      });
+      assert.ok(fd, 'the server holds the file open');
+      const flags = /^flags:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${child.pid}/fdinfo/${fd}`, 'utf8'))?.[1];
+      assert.ok(flags, 'fdinfo has the open flags');
+      // The access mode is the low two bits (Linux O_ACCMODE; Node's fs.constants lacks it).
+      assert.equal(parseInt(flags, 8) & 0o3, fs.constants.O_RDONLY, `fdinfo flags ${flags}`);
+    } finally {
+      child.kill('SIGTERM');
+      await exited(child);
+    }
+  });
+
   test('TCP on an OS-chosen port with --print-uri; SIGTERM shuts down cleanly', async () => {
     const { child, uri } = await startServe(['-p', '0', 'memory:8M']);
     assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+\/$/);
@@ -197,6 +225,19 @@ describe('config parsing', () => {
       /duplicate export name/,
     );
     assert.throws(() => parseConfig({ exports: [{ name: 'a', backend: { type: 'null' } }], defaultExport: 'z' }, 'f'), /defaultExport/);
+  });
+
+  test('-r puts readonly: true in the file backend description (and only there)', () => {
+    const cfg = configFromFlags(['f.img', 'x=file:/y', 'm=memory:1M'], { address: ['127.0.0.1'], port: '0', logLevel: 'info', readOnly: true });
+    assert.deepEqual(
+      cfg.exports.map((e) => [e.backend, e.readOnly]),
+      [
+        [{ type: 'file', path: 'f.img', readonly: true }, true],
+        [{ type: 'file', path: '/y', readonly: true }, true],
+        [{ type: 'memory', size: '1M' }, true],
+      ],
+    );
+    assert.deepEqual(parseExportSpec('f.img').backend, { type: 'file', path: 'f.img' });
   });
 
   test('flags: the default export and listeners', () => {
