@@ -83,6 +83,10 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
  * - `PATH` (an existing file or block device): a file export;
  * - `TYPE:ARG` with TYPE memory|null|pattern (ARG = size) or file (ARG = path);
  * - `NAME=` followed by either form, to name the export (else it is named '').
+ *
+ * `readOnly` (serve -r) also opens a file backend read-only: a file the server may only
+ * read (mode 0444, a read-only mount) must be servable, and a server that cannot write
+ * the file cannot damage it by a defect either.
  */
 export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
   let name = '';
@@ -96,8 +100,7 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
   if (rest === '') throw new BlockError('EINVAL', `export '${spec}': nothing to serve after '='`);
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
   let backend: LayerDescription;
-  if (!m) backend = { type: 'file', path: rest };
-  else if (m[1] === 'file') backend = { type: 'file', path: m[2]! };
+  if (!m || m[1] === 'file') backend = { type: 'file', path: m ? m[2]! : rest, ...(readOnly ? { readonly: true } : {}) };
   else backend = { type: m[1]!, size: m[2]! };
   return { name, backend, readOnly };
 }

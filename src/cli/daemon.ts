@@ -12,16 +12,21 @@ export function stderrLogger(level: string): Logger {
   return pino({ level, base: { pid: process.pid } }, pino.destination({ dest: 2, sync: true }));
 }
 
-/** Resolves at the first SIGINT or SIGTERM, logged as 'shutting down'; both handlers are removed then. */
-export function shutdownSignal(log: Logger): Promise<void> {
+/** The signals that stop a long-running command gracefully unless it asks for others. */
+export const SHUTDOWN_SIGNALS: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM'];
+
+/**
+ * Resolves at the first of `signals` (default SIGINT, SIGTERM), logged as 'shutting
+ * down'; all the handlers are removed then. Installing a handler is also what keeps a
+ * signal such as SIGHUP from killing the process outright (Node's default for it).
+ */
+export function shutdownSignal(log: Logger, signals: readonly NodeJS.Signals[] = SHUTDOWN_SIGNALS): Promise<void> {
   return new Promise<void>((resolve) => {
     const onSignal = (sig: NodeJS.Signals): void => {
       log.info({ signal: sig }, 'shutting down');
-      process.off('SIGINT', onSignal);
-      process.off('SIGTERM', onSignal);
+      for (const s of signals) process.off(s, onSignal);
       resolve();
     };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    for (const s of signals) process.on(s, onSignal);
   });
 }

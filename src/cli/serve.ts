@@ -1,6 +1,9 @@
 /**
  * `blockgate serve`: builds the exports from the command line or a config file, serves
- * them over NBD, and shuts down gracefully on SIGINT/SIGTERM. `--run` is nbdkit's
+ * them over NBD, and shuts down gracefully on SIGINT, SIGTERM and SIGHUP (SIGHUP: a
+ * closed terminal or a service manager's stop must not lose what write-back caches
+ * hold, and reloading the config in place would have to rebuild stacks under live
+ * sessions, so SIGHUP does what SIGTERM does; docs/CONFIG.md). `--run` is nbdkit's
  * captive mode: serve on a private unix socket, run a command with `$uri` set, and exit
  * with the command's status.
  *
@@ -16,7 +19,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { shutdownSignal, stderrLogger } from './daemon.js';
+import { SHUTDOWN_SIGNALS, shutdownSignal, stderrLogger } from './daemon.js';
 import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../export/registry.js';
 import { NbdServer, type ListenAddress } from '../nbd/index.js';
@@ -33,6 +36,12 @@ import {
   parseExportSpec,
   type ServeConfig,
 } from './config.js';
+
+/** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
+const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
+
+/** The flags whose settings a config file holds (as ServeFlags keys); refused with --config. */
+const CONFIG_CONFLICTS = ['address', 'port', 'unix', 'readOnly', 'defaultExport', 'description'] satisfies (keyof ServeFlags)[];
 
 interface ServeFlags {
   config?: string;
@@ -57,7 +66,11 @@ export function nbdUri(addr: ListenAddress, exportName: string): string {
   return `nbd://${host}:${addr.port}/${name}`;
 }
 
-/** Turns command-line flags into a config (the same shape `--config` files have). */
+/**
+ * Turns command-line flags into a config (the same shape `--config` files have). With
+ * `config` set, the listen and export flags must be absent (the command refuses them,
+ * CONFIG_CONFLICTS).
+ */
 export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig {
   if (flags.config) {
     if (specs.length > 0) throw new BlockError('EINVAL', 'give exports either on the command line or in --config, not both');
@@ -151,6 +164,8 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
   }
+  // Installed before the URI is printed, so whoever waits for the URI can signal at once.
+  const stopSignal = flags.run ? undefined : shutdownSignal(log, SERVE_STOP_SIGNALS);
   if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!, defaultName)}\n`);
 
   const stop = async (): Promise<void> => {
@@ -164,8 +179,8 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     const uri = nbdUri(bound[0]!, defaultName);
     const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env: { ...process.env, uri, nbd: uri } });
     const forward = (sig: NodeJS.Signals) => child.kill(sig);
-    process.on('SIGINT', forward);
-    process.on('SIGTERM', forward);
+    // The command decides what a signal means to it; serve stops when it exits.
+    for (const sig of SERVE_STOP_SIGNALS) process.on(sig, forward);
     const status = await new Promise<number>((resolve) => {
       child.on('error', (err) => {
         log.error({ err }, '--run: cannot start the command');
@@ -177,7 +192,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     return status;
   }
 
-  await shutdownSignal(log);
+  await stopSignal;
   await stop();
   return 0;
 }
@@ -189,7 +204,13 @@ export function serveCommand(): Command {
       '[export...]',
       'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH), NAME=... to name one',
     )
-    .option('-c, --config <file>', 'JSON configuration file (exports, filters, listeners); see docs/CONFIG.md')
+    .addOption(
+      // The file says where to listen and what to serve; rather than guess which of the
+      // two wins, commander refuses these flags next to --config with a one-line error.
+      new Option('-c, --config <file>', 'JSON configuration file (exports, filters, listeners); see docs/CONFIG.md').conflicts(
+        CONFIG_CONFLICTS,
+      ),
+    )
     .option('-a, --address <host>', 'listen on this address (repeatable; IPv6 allowed)', (v: string, prev: string[]) => [...prev, v], [] as string[])
     .option('-p, --port <port>', 'TCP port', String(DEFAULT_PORT))
     .option('-U, --unix <path>', 'listen on a unix socket instead of TCP')

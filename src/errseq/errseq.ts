@@ -25,24 +25,28 @@
  *
  * A word that was ever set never returns to 0 (the error bits stay non-zero), so 0 means
  * "no error ever". The counter only moves when SEEN was set, so an error that nobody has
- * looked at is overwritten in place; the counter can collide after exactly 2^19
- * consumed errors between two looks (mainline's documented "1 in 512k" risk).
+ * looked at is overwritten in place. The counter wraps after 2^19 bumps, so a cursor
+ * exactly k * 2^19 consumed errors old equals the word again once the wrapped error has
+ * been consumed too, and then reports nothing (mainline's documented "1 in 512k" risk).
+ * Right after the wrapping set(), before anyone consumes it, the word still differs
+ * from such a cursor in SEEN, and both mainline and this module report the error.
  *
  * Deliberate differences from mainline, both about comparing a cursor with the word:
- * - {@link ErrSeq.check} and {@link ErrSeq.checkAndAdvance} compare with the SEEN flag
- *   masked (`(cur | SEEN) === (since | SEEN)`, Wilcox 2020-12-19; the unmerged v2/v3
- *   `errseq_same()`). Mainline compares all 32 bits, so a cursor that differs from the
- *   word only in SEEN (one copied raw with {@link ErrSeq.peek}, after another watcher
- *   consumed the error) reports an error that did not happen. For cursors produced by
- *   `sample()` / `checkAndAdvance()` both comparisons give the same answer (such a cursor
- *   is 0 or has SEEN set, and a word never loses SEEN without its counter moving), so the
- *   masked compare changes nothing for sessions and only removes the phantom for raw
+ * - {@link ErrSeq.check} and {@link ErrSeq.checkAndAdvance} ignore SEEN in one direction
+ *   only: a word that equals the cursor plus SEEN holds nothing new (Wilcox 2020-12-19).
+ *   Mainline compares all 32 bits, so a cursor copied raw with {@link ErrSeq.peek} while
+ *   the error was unseen reports, after another watcher consumed that error, an error
+ *   that did not happen. The opposite difference (cursor with SEEN, word without) is
+ *   reachable only through a counter wrap, so it counts as new, as in mainline; the
+ *   symmetric mask of the unmerged v2/v3 `errseq_same()` would report 0 there. For
+ *   cursors produced by `sample()` / `checkAndAdvance()` (0, or with SEEN set) the
+ *   comparison is therefore exactly mainline's; it only removes the phantom for raw
  *   copies. {@link ErrSeq.checkStrict} keeps mainline's comparison, to demonstrate the
  *   defect in tests.
  * - There is no v3 REPORTED/OBSERVED split (ES14). v3 needed OBSERVED because its
  *   `errseq_peek` wrote to the word; our {@link ErrSeq.peek} never writes, so it cannot
  *   stop a later sampler from seeing an unseen error, and it cannot make anyone see a
- *   phantom once comparisons mask SEEN. The price of not writing: a snapshot taken by
+ *   phantom once comparisons ignore a SEEN the cursor lacks. The price of not writing: a snapshot taken by
  *   peek while an *unseen* error is present can miss a later error that leaves the word
  *   bit-identical (the same error again, or an A-B-A of error values, with nobody
  *   consuming in between, because the counter only moves after SEEN). A snapshot taken
@@ -112,9 +116,22 @@ function assertCursor(cursor: number, what: string): void {
   }
 }
 
-/** `errseq_same()` of the v2/v3 patches: equal apart from the SEEN flag. */
-function sameIgnoringSeen(a: number, b: number): boolean {
-  return (a | ERRSEQ.SEEN) >>> 0 === (b | ERRSEQ.SEEN) >>> 0;
+/**
+ * Whether the word `cur` holds nothing new for a watcher whose cursor is `since`: equal,
+ * or `cur` is `since` plus SEEN (the cursor was copied raw by peek() while the error was
+ * unseen and some other watcher has consumed it since - mainline's phantom).
+ *
+ * The opposite case, a cursor with SEEN and a word equal to it except that SEEN is clear,
+ * counts as new, as in mainline. A word loses SEEN only through set(), and set() on a
+ * SEEN word bumps the counter, so that state is reachable only after the counter went
+ * round exactly k * 2^19 times since the cursor was taken: at least 2^19 errors really
+ * happened. The symmetric mask of the v2/v3 `errseq_same()` reported 0 there (e.g. cursor
+ * 0x00001005, word 0x00000005) where mainline reports -EIO; keeping SEEN significant in
+ * this direction removes that false "no error" and makes the compare agree with
+ * mainline's for every cursor that sample()/checkAndAdvance() can produce.
+ */
+function sameForCursor(cur: number, since: number): boolean {
+  return cur === since || cur === (since | ERRSEQ.SEEN) >>> 0;
 }
 
 /**
@@ -144,8 +161,11 @@ export class ErrSeq {
    * MAX_ERRNO, and for negative or non-integer values (mainline's `-EIO` convention is
    * not accepted, so a sign slip cannot record a different error).
    *
-   * Returns the new word. Like mainline's return value it lacks SEEN, so it is for
-   * debugging only: never use it as a cursor (use {@link sample}).
+   * Returns the word as it was before this call, as mainline does: lib/errseq.c's
+   * kernel-doc says "the latest value", but the code returns `cur`, which is what
+   * cmpxchg found, i.e. the old word (and `old` on the no-change and WARN paths). It is
+   * for debugging only: never use it as a cursor (use {@link sample}); compare it with
+   * {@link value} to tell whether the call changed the word.
    */
   set(err: number): number {
     if (!Number.isInteger(err) || err < 1 || err > ERRSEQ.MAX_ERRNO) {
@@ -157,7 +177,7 @@ export class ErrSeq {
     // could tell the two errors apart, and overwriting in place loses nothing they need.
     if (old & ERRSEQ.SEEN) next = (next + ERRSEQ.CTR_INC) >>> 0;
     this.#word = next;
-    return next;
+    return old;
   }
 
   /**
@@ -171,14 +191,15 @@ export class ErrSeq {
   }
 
   /**
-   * errseq_check with the SEEN flag masked: the positive errno of the latest error if
+   * errseq_check, except that a word equal to `since` plus SEEN counts as unchanged (see
+   * the module comment): the positive errno of the latest error if
    * one happened since `since`, else 0. Never changes the word or the cursor, so it is
    * safe for observers that must not consume errors (health checks, volatile mode).
    */
   check(since: number): number {
     assertCursor(since, 'check');
     const cur = this.#word;
-    return sameIgnoringSeen(cur, since) ? 0 : cur & ERRSEQ.MAX_ERRNO;
+    return sameForCursor(cur, since) ? 0 : cur & ERRSEQ.MAX_ERRNO;
   }
 
   /**
@@ -198,15 +219,14 @@ export class ErrSeq {
    * bumps the counter) and returns that error with the new cursor `word | SEEN`;
    * otherwise returns `{ error: 0, cursor }` and changes nothing.
    *
-   * The comparison masks SEEN, like {@link check} (mainline compares all 32 bits). The
-   * two agree for cursors from sample()/checkAndAdvance(); masking makes a raw-copied
-   * cursor (from {@link peek}) behave like check() instead of reporting and consuming a
-   * phantom. So `checkAndAdvance(c).error === check(c)` always holds.
+   * The comparison is {@link check}'s (mainline compares all 32 bits). The two agree for
+   * cursors from sample()/checkAndAdvance(); a raw-copied cursor (from {@link peek})
+   * behaves like check() instead of reporting and consuming a phantom. So `checkAndAdvance(c).error === check(c)` always holds.
    */
   checkAndAdvance(cursor: number): CheckAndAdvanceResult {
     assertCursor(cursor, 'checkAndAdvance');
     const cur = this.#word;
-    if (sameIgnoringSeen(cur, cursor)) return { error: 0, cursor };
+    if (sameForCursor(cur, cursor)) return { error: 0, cursor };
     const next = (cur | ERRSEQ.SEEN) >>> 0;
     this.#word = next;
     return { error: next & ERRSEQ.MAX_ERRNO, cursor: next };

@@ -1,5 +1,33 @@
 import type { BlockDevice } from '../device/index.js';
+import { BlockError } from '../errors/index.js';
 import { ErrSeq } from '../errseq/index.js';
+
+/**
+ * The ErrSeq each device stack was built with, keyed by the stack's top device. The
+ * layers record background failures in their StackContext's ErrSeq and sessions read the
+ * Export's, so the two must be the same object; remembering it here lets
+ * `new Export({ name, device })` find it instead of silently making a fresh one that
+ * nobody writes to. A WeakMap, so a device that is dropped takes its entry with it.
+ */
+const stackErrseqs = new WeakMap<BlockDevice, ErrSeq>();
+
+/**
+ * Records that `device` (the top of a stack) was built with `errseq` (its
+ * StackContext's). Called by whatever builds stacks (createStack). Recording a different
+ * ErrSeq for the same device is refused: one of the two would never be read.
+ */
+export function recordStackErrseq(device: BlockDevice, errseq: ErrSeq): void {
+  const known = stackErrseqs.get(device);
+  if (known !== undefined && known !== errseq) {
+    throw new BlockError('EINVAL', 'this device stack was already recorded with a different ErrSeq');
+  }
+  stackErrseqs.set(device, errseq);
+}
+
+/** The ErrSeq the stack topped by `device` was built with, if it was recorded. */
+export function stackErrseqOf(device: BlockDevice): ErrSeq | undefined {
+  return stackErrseqs.get(device);
+}
 
 /** Settings of one export. */
 export interface ExportOptions {
@@ -11,7 +39,12 @@ export interface ExportOptions {
   readonly device: BlockDevice;
   /** Serve read-only even if the device can write. */
   readonly readOnly?: boolean;
-  /** The write-back error sequence the device stack was built with (see StackContext); default: a new one. */
+  /**
+   * The write-back error sequence the device stack was built with (see StackContext).
+   * Default: the one recorded for `device` by createStack, else a new one (a device whose
+   * layers record no background failures). Passing a different one than the recorded
+   * one is an EINVAL error, since the stack's failures would never reach the sessions.
+   */
   readonly errseq?: ErrSeq;
 }
 
@@ -49,7 +82,14 @@ export class Export {
     this.description = opts.description ?? opts.device.description;
     this.device = opts.device;
     this.readOnly = opts.readOnly === true || !opts.device.capabilities.write;
-    this.errseq = opts.errseq ?? new ErrSeq();
+    const recorded = stackErrseqOf(opts.device);
+    if (opts.errseq !== undefined && recorded !== undefined && opts.errseq !== recorded) {
+      throw new BlockError(
+        'EINVAL',
+        `export '${opts.name}': errseq is not the ErrSeq its device stack was built with, so the stack's write-back errors would never be reported`,
+      );
+    }
+    this.errseq = opts.errseq ?? recorded ?? new ErrSeq();
   }
 
   /** Called by a session when its handshake completes; returns the cursor to keep. */

@@ -81,6 +81,34 @@ describe('blockgate CLI', () => {
     assert.equal(byName.get('')?.is_read_only, true);
   });
 
+  test('serve -r opens a file backend read-only: a chmod 0444 file is served with its fd O_RDONLY', async () => {
+    const file = path.join(tmp, 'ro.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20, 3));
+    fs.chmodSync(file, 0o444);
+    const { child, uri } = await startServe(['-p', '0', '--no-control', '-r', file]);
+    try {
+      const r = await runOk('nbdsh', ['-u', uri, '-c', 'print(h.is_read_only(), h.pread(4, 0) == bytes([3] * 4))']);
+      assert.equal(r.stdout.trim(), 'True True');
+      // Root may open a 0444 file for writing, so look at how the server opened it.
+      const fdDir = `/proc/${child.pid}/fd`;
+      const fd = fs.readdirSync(fdDir).find((n) => {
+        try {
+          return fs.readlinkSync(path.join(fdDir, n)) === file;
+        } catch {
+          return false;
+        }
+      });
+      assert.ok(fd, 'the server holds the file open');
+      const flags = /^flags:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${child.pid}/fdinfo/${fd}`, 'utf8'))?.[1];
+      assert.ok(flags, 'fdinfo has the open flags');
+      // The access mode is the low two bits (Linux O_ACCMODE; Node's fs.constants lacks it).
+      assert.equal(parseInt(flags, 8) & 0o3, fs.constants.O_RDONLY, `fdinfo flags ${flags}`);
+    } finally {
+      child.kill('SIGTERM');
+      await exited(child);
+    }
+  });
+
   test('TCP on an OS-chosen port with --print-uri; SIGTERM shuts down cleanly', async () => {
     const { child, uri } = await startServe(['-p', '0', 'memory:8M']);
     assert.match(uri, /^nbd:\/\/127\.0\.0\.1:\d+\/$/);
@@ -88,6 +116,44 @@ describe('blockgate CLI', () => {
     assert.equal(r.stdout.trim(), String(8 << 20));
     child.kill('SIGTERM');
     assert.equal(await exited(child), 0);
+  });
+
+  test('SIGHUP shuts serve down gracefully like SIGTERM: exit 0, not death by the signal (129)', async () => {
+    const file = path.join(tmp, 'hup.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    const cfg = path.join(tmp, 'hup.json');
+    fs.writeFileSync(
+      cfg,
+      JSON.stringify({
+        listen: [{ host: '127.0.0.1', port: 0 }],
+        exports: [{ name: '', backend: { type: 'file', path: file }, filters: [{ type: 'writeback', maxDirty: '8M' }] }],
+      }),
+    );
+    const { child } = await startServe(['--config', cfg, '--no-control']);
+    // Reaching this point means the server listens; it may not exit until signalled.
+    const code = exited(child);
+    child.kill('SIGHUP');
+    assert.equal(await code, 0, 'SIGHUP is not fatal (it used to exit 129 by signal)');
+    assert.equal(child.signalCode, null);
+  });
+
+  test('SIGHUP writes back what a client wrote but never flushed before serve exits', async () => {
+    const file = path.join(tmp, 'hup2.img');
+    fs.writeFileSync(file, Buffer.alloc(1 << 20));
+    const cfg = path.join(tmp, 'hup2.json');
+    fs.writeFileSync(
+      cfg,
+      JSON.stringify({
+        listen: [{ host: '127.0.0.1', port: 0 }],
+        exports: [{ name: '', backend: { type: 'file', path: file }, filters: [{ type: 'writeback', maxDirty: '8M' }] }],
+      }),
+    );
+    const { child, uri } = await startServe(['--config', cfg, '--no-control']);
+    await runOk('nbdsh', ['-u', uri, '-c', "h.pwrite(b'hup!' * 1024, 4096)"]);
+    const code = exited(child);
+    child.kill('SIGHUP');
+    assert.equal(await code, 0);
+    assert.equal(fs.readFileSync(file).subarray(4096, 8192).toString(), 'hup!'.repeat(1024));
   });
 
   test('IPv6 loopback listener', async () => {
@@ -116,6 +182,18 @@ describe('blockgate CLI', () => {
     const info = JSON.parse(r.stdout) as { exports: { 'export-name': string; 'export-size': number; description: string }[] };
     assert.equal(info.exports[0]!['export-size'], 3 << 20);
     assert.equal(info.exports[0]!.description, 'the pattern');
+  });
+
+  test('--config refuses -p, -a, -U, -r, -D and -e with a one-line error instead of ignoring them', async () => {
+    const cfg = path.join(tmp, 'conflict.json');
+    fs.writeFileSync(cfg, JSON.stringify({ exports: [{ name: 'a', backend: { type: 'memory', size: '1M' } }] }));
+    const flags = [['-p', '10999'], ['-a', '::1'], ['-U', path.join(tmp, 'x.sock')], ['-r'], ['-D', 'text'], ['-e', 'a']];
+    const results = await Promise.all(flags.map((f) => blockgate(['serve', '--config', cfg, ...f, '--run', 'true'])));
+    results.forEach((r, i) => {
+      assert.equal(r.code, 1, `${flags[i]![0]}: ${r.stderr}`);
+      assert.match(r.stderr, /^error: option '-c, --config <file>' cannot be used with option '.*'\n$/, flags[i]![0]);
+      assert.ok(r.stderr.includes(`'${flags[i]![0]}, `), `the message names ${flags[i]![0]}: ${r.stderr}`);
+    });
   });
 
   test('bad config keys are named in the error', async () => {
@@ -147,6 +225,19 @@ describe('config parsing', () => {
       /duplicate export name/,
     );
     assert.throws(() => parseConfig({ exports: [{ name: 'a', backend: { type: 'null' } }], defaultExport: 'z' }, 'f'), /defaultExport/);
+  });
+
+  test('-r puts readonly: true in the file backend description (and only there)', () => {
+    const cfg = configFromFlags(['f.img', 'x=file:/y', 'm=memory:1M'], { address: ['127.0.0.1'], port: '0', logLevel: 'info', readOnly: true });
+    assert.deepEqual(
+      cfg.exports.map((e) => [e.backend, e.readOnly]),
+      [
+        [{ type: 'file', path: 'f.img', readonly: true }, true],
+        [{ type: 'file', path: '/y', readonly: true }, true],
+        [{ type: 'memory', size: '1M' }, true],
+      ],
+    );
+    assert.deepEqual(parseExportSpec('f.img').backend, { type: 'file', path: 'f.img' });
   });
 
   test('flags: the default export and listeners', () => {

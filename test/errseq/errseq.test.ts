@@ -41,8 +41,10 @@ test('ES2 set rejects 0 and errors above MAX_ERRNO without changing the value', 
     assert.throws(() => es.set(bad), RangeError, `set(${bad})`);
     assert.equal(es.value, 0, `set(${bad}) left the word alone`);
   }
-  assert.equal(es.set(4095), 0x00000fff, 'the upper bound MAX_ERRNO is accepted');
-  assert.equal(es.set(1), 0x00000001, 'the lower bound 1 is accepted');
+  es.set(4095);
+  assert.equal(es.value, 0x00000fff, 'the upper bound MAX_ERRNO is accepted');
+  es.set(1);
+  assert.equal(es.value, 0x00000001, 'the lower bound 1 is accepted');
   assert.throws(() => es.set(4096), RangeError);
   assert.throws(() => es.set(0), RangeError);
   assert.equal(es.value, 0x00000001, 'rejections leave a recorded error untouched');
@@ -50,7 +52,7 @@ test('ES2 set rejects 0 and errors above MAX_ERRNO without changing the value', 
 
 test('ES3 set(EIO) on 0 gives 0x00000005: counter unchanged, SEEN clear', () => {
   const es = new ErrSeq();
-  assert.equal(es.set(EIO), 0x00000005);
+  es.set(EIO);
   assert.equal(es.value, 0x00000005);
   assert.equal(es.value, EIO, 'the low bits hold the positive errno (mainline stores -err of a negative err)');
   assert.equal(es.counter, 0);
@@ -60,15 +62,18 @@ test('ES3 set(EIO) on 0 gives 0x00000005: counter unchanged, SEEN clear', () => 
 
 test('ES4 the same error again on an unseen value leaves the word bit-identical', () => {
   const es = new ErrSeq();
-  const first = es.set(EIO);
-  assert.equal(es.set(EIO), first);
+  es.set(EIO);
+  const first = es.value;
+  assert.equal(es.set(EIO), first, 'set returns the word before it, which it left as it was');
   assert.equal(es.value, first);
   assert.equal(es.counter, 0);
   // Also with a non-zero counter: bump once, then repeat the error unseen.
   es.checkAndAdvance(0);
-  const bumped = es.set(EIO);
+  es.set(EIO);
+  const bumped = es.value;
   assert.equal(bumped, (ERRSEQ.CTR_INC | EIO) >>> 0);
-  assert.equal(es.set(EIO), bumped);
+  es.set(EIO);
+  assert.equal(es.value, bumped);
 });
 
 test('ES5 set(ENOSPC) on an unseen EIO value replaces the low 12 bits only', () => {
@@ -77,7 +82,8 @@ test('ES5 set(ENOSPC) on an unseen EIO value replaces the low 12 bits only', () 
   es.checkAndAdvance(0);
   es.set(EIO); // unseen EIO with counter 1
   const before = es.value;
-  assert.equal(es.set(ENOSPC), ((before & ~ERRSEQ.MAX_ERRNO) | ENOSPC) >>> 0);
+  es.set(ENOSPC);
+  assert.equal(es.value, ((before & ~ERRSEQ.MAX_ERRNO) | ENOSPC) >>> 0);
   assert.equal(es.counter, 1);
   assert.equal(es.seen, false);
   assert.equal(es.peekError(), ENOSPC);
@@ -88,7 +94,8 @@ test('ES6 set on a SEEN value clears SEEN and adds 0x2000; the counter wraps aft
   es.set(EIO);
   let cursor = es.checkAndAdvance(0).cursor;
   assert.equal(es.value, 0x00001005);
-  assert.equal(es.set(EIO), 0x00002005, 'SEEN cleared, counter + 1');
+  es.set(EIO);
+  assert.equal(es.value, 0x00002005, 'SEEN cleared, counter + 1');
 
   const bumps = 2 ** ERRSEQ.CTR_BITS;
   assert.equal(bumps, 524288);
@@ -99,9 +106,9 @@ test('ES6 set on a SEEN value clears SEEN and adds 0x2000; the counter wraps aft
     assert.equal(r.error, EIO);
     cursor = r.cursor;
     assert.equal(es.seen, true);
-    const word = es.set(EIO);
+    es.set(EIO);
     if (i === bumps - 1) {
-      assert.equal(word, 0x00000005, 'after 2^19 bumps the counter is back at 0');
+      assert.equal(es.value, 0x00000005, 'after 2^19 bumps the counter is back at 0');
     } else {
       assert.equal(es.counter, i + 1);
     }
@@ -112,11 +119,40 @@ test('ES6 set on a SEEN value clears SEEN and adds 0x2000; the counter wraps aft
   assert.ok(Number.isInteger(es.value) && es.value >= 0 && es.value <= ERRSEQ.WORD_MAX, 'still a uint32');
   // The word just below the wrap: counter all ones, SEEN set.
   assert.equal(cursor, 0xfffff005);
-  // Mainline's documented collision (1 in 512k): a cursor exactly 2^19 consumed errors
-  // old cannot tell the word apart from its own value.
-  assert.equal(es.check(firstCursor), 0);
-  // ...whereas the previous cursor still sees the wrapped error.
+  // Right after the wrapping set() the word (0x00000005) differs from a cursor exactly
+  // 2^19 consumed errors old (0x00001005) in SEEN only. Mainline's errseq_check compares
+  // all 32 bits and returns -EIO; check() reports the error too, since a SEEN cursor and
+  // an unseen word with the same counter are reachable only through a wrap.
+  assert.equal(es.checkStrict(firstCursor), EIO, 'mainline reports the wrapped error');
+  assert.equal(es.check(firstCursor), EIO, 'so does check()');
+  // ...and so does the previous cursor.
   assert.equal(es.check(cursor), EIO);
+  // Mainline's documented collision (1 in 512k) comes one step later: once another
+  // watcher consumes the wrapped error, the word is 0x00001005 again, bit-identical to the
+  // old cursor, and neither comparison can see the 2^19 errors in between.
+  assert.equal(es.checkAndAdvance(cursor).error, EIO);
+  assert.equal(es.value, firstCursor);
+  assert.equal(es.checkStrict(firstCursor), 0);
+  assert.equal(es.check(firstCursor), 0);
+});
+
+test('set returns the word as it was before the call, like errseq_set in lib/errseq.c', () => {
+  const es = new ErrSeq();
+  assert.equal(es.set(EIO), 0, 'first error: the word was 0');
+  assert.equal(es.set(EIO), 0x00000005, 'same error unseen: no change, the old word');
+  assert.equal(es.set(ENOSPC), 0x00000005, 'overwrite in place: the old EIO word');
+  es.checkAndAdvance(0);
+  assert.equal(es.set(EIO), 0x0000101c, 'after a FLUSH consumed ENOSPC: the old word has SEEN');
+  assert.equal(es.value, 0x00002005);
+});
+
+test('check reports an error to a SEEN cursor when the word wrapped to it minus SEEN, like mainline', () => {
+  // The state right after exactly 2^19 consumed errors (see ES6), built directly.
+  const cursor = 0x00001005;
+  const es = new ErrSeq(0x00000005);
+  assert.equal(es.checkStrict(cursor), EIO, "mainline's errseq_check returns -EIO here");
+  assert.equal(es.check(cursor), EIO);
+  assert.deepEqual(es.checkAndAdvance(cursor), { error: EIO, cursor: 0x00001005 });
 });
 
 test('ES7 sample is 0 while SEEN is clear and the exact word once SEEN is set', () => {
@@ -212,7 +248,7 @@ test('ES12 only the latest error is reported: EIO then ENOSPC before a flush giv
   assert.equal(c.flush(), 0);
 });
 
-test('ES13 multi-watcher: peek plus SEEN-masked check never consumes and never shows a phantom', () => {
+test('ES13 multi-watcher: peek plus a check that ignores SEEN gained since never consumes and never shows a phantom', () => {
   // (a) Mainline's defect: a raw copy of an unseen value, then another watcher consumes.
   const es = new ErrSeq();
   es.set(EIO);
@@ -220,7 +256,7 @@ test('ES13 multi-watcher: peek plus SEEN-masked check never consumes and never s
   const consumer = new Conn(es);
   assert.equal(consumer.flush(), EIO); // word becomes 0x00001005
   assert.equal(es.checkStrict(snapshot), EIO, 'mainline errseq_check: phantom error, only SEEN moved');
-  assert.equal(es.check(snapshot), 0, 'masked check: nothing happened since the snapshot');
+  assert.equal(es.check(snapshot), 0, 'check: nothing happened since the snapshot');
   assert.deepEqual(es.checkAndAdvance(snapshot), { error: 0, cursor: snapshot }, 'nor is a phantom consumed');
   // A real later error is still reported through the snapshot.
   es.set(ENOSPC);
