@@ -52,12 +52,10 @@ const STACK = JSON.stringify({
 const dir = await mkdtemp(join(new URL('.', import.meta.url).pathname, '.readme-'));
 after(() => rm(dir, { recursive: true, force: true }));
 
-// TODO until src/export/registry.ts's createStack calls recordStackErrseq (not this
-// branch's file, see the report for the exact change): without it the Export makes a fresh
-// ErrSeq and both FLUSHes succeed, which is the defect this test exists to catch.
+// Without createStack recording its ErrSeq for the Export, the Export makes a fresh one
+// and both FLUSHes succeed: the defect this test exists to catch.
 test(
   'the README library example reports a background write-back EIO once to each connection at FLUSH',
-  { todo: 'needs createStack to record its ErrSeq (src/export/registry.ts)' },
   async () => {
   const port = await freePort();
   let code = await libraryExample();

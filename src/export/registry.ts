@@ -4,14 +4,17 @@
  * the registry through its StackContext, never by importing this module).
  */
 import { BACKENDS } from '../backends/index.js';
-import { buildStack, type StackContext, type StackDescription, type StackRegistry } from '../device/stack.js';
+import { buildStack, newStackContext, type StackContext, type StackDescription, type StackRegistry } from '../device/stack.js';
 import type { BlockDevice } from '../device/types.js';
 import { FILTERS } from '../filters/index.js';
+import { recordStackErrseq } from './export.js';
 
 /** The built-in backends and filters. */
 export const defaultRegistry: StackRegistry = Object.freeze({ backends: BACKENDS, filters: FILTERS });
 
 /** Builds a device stack from plain data with the built-in backends and filters. */
-export function createStack(desc: StackDescription, ctx?: StackContext): Promise<BlockDevice> {
-  return buildStack(desc, defaultRegistry, ctx);
+export async function createStack(desc: StackDescription, ctx: StackContext = newStackContext()): Promise<BlockDevice> {
+  const device = await buildStack(desc, defaultRegistry, ctx);
+  recordStackErrseq(device, ctx.errseq);
+  return device;
 }

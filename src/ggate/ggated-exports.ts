@@ -39,7 +39,7 @@ export interface GgateDeviceSource {
 export type GgateStackSource = StackDescription | GgateDeviceSource;
 
 /** Opens a file path for ggated (default: the file backend). */
-export type GgateFileOpener = (path: string, writable: boolean) => Promise<BlockDevice>;
+export type GgateFileOpener = (path: string, writable: boolean, errseq: ErrSeq) => Promise<BlockDevice>;
 
 export interface GgateExportTableOptions {
   /** Paths served by blockgate stacks instead of files. */
@@ -64,7 +64,7 @@ function isDeviceSource(s: GgateStackSource): s is GgateDeviceSource {
   return 'device' in s && typeof (s as GgateDeviceSource).device === 'object';
 }
 
-const defaultOpenFile: GgateFileOpener = (path, writable) => createStack({ backend: { type: 'file', path, readonly: !writable } });
+const defaultOpenFile: GgateFileOpener = (path, writable, errseq) => createStack({ backend: { type: 'file', path, readonly: !writable } }, { errseq });
 
 export class GgateExportTable {
   readonly #stacks = new Map<string, GgateStackSource>();
@@ -121,7 +121,7 @@ export class GgateExportTable {
     const key = `${writable ? 'rw' : 'ro'}:${path}`;
     let slot = this.#files.get(key);
     if (!slot) {
-      const ready = this.#openFile(path, writable).then(
+      const ready = this.#openFile(path, writable, this.errseq(path)).then(
         (device) => new Export({ name: path, device, errseq: this.errseq(path) }),
       );
       slot = { refs: 0, ready };
