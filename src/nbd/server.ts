@@ -6,6 +6,7 @@ import net from 'node:net';
 import fs from 'node:fs';
 import pino, { type Logger } from 'pino';
 import { BlockError } from '../errors/index.js';
+import { claimSocketPath } from '../io/listen.js';
 import type { Export, ExportTable } from '../export/export.js';
 import { DEFAULT_LIMITS, validateLimits, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './session.js';
@@ -106,14 +107,8 @@ export class NbdServer implements SessionHost, ExportTable {
     // Paused, so that a session can switch the socket to lent receive buffers before the first read.
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket));
     server.on('error', (err) => this.logger.error({ err }, 'listener error'));
-    if ('path' in addr) {
-      // A stale socket file from a killed server would make listen fail with EADDRINUSE.
-      try {
-        if (fs.statSync(addr.path).isSocket()) fs.unlinkSync(addr.path);
-      } catch {
-        // absent: fine
-      }
-    }
+    // A live server's path is refused (EBUSY), a stale socket file replaced (src/io/listen.ts).
+    if ('path' in addr) await claimSocketPath(addr.path);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       if ('path' in addr) server.listen(addr.path, () => resolve());

@@ -24,6 +24,7 @@ import path from 'node:path';
 import pino, { type Logger } from 'pino';
 import * as v from 'valibot';
 import { BlockError, codeFromLinux, toBlockError } from '../../errors/index.js';
+import { claimSocketPath } from '../../io/listen.js';
 import { GATE, GateRegistry, type GateStartResult } from '../index.js';
 import {
   CONTROL,
@@ -114,7 +115,7 @@ export class ControlServer {
     const dir = path.dirname(socketPath);
     fs.mkdirSync(dir, { recursive: true, mode: CONTROL_DIR_MODE });
     checkSocketDir(dir);
-    await removeStaleSocket(socketPath);
+    await claimSocketPath(socketPath);
     const server = net.createServer((socket) => this.#accept(socket));
     server.on('error', (err) => this.logger.error({ err }, 'control listener error'));
     // bind(2) creates the socket file with the umask applied; narrow the umask around
@@ -177,29 +178,6 @@ function checkSocketDir(dir: string): void {
   if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
     throw new BlockError('EACCES', `${dir} is writable by others and not sticky; refusing to put the control socket there`);
   }
-}
-
-/** Removes a socket file nobody listens on; fails EBUSY if a server answers. */
-async function removeStaleSocket(socketPath: string): Promise<void> {
-  let st: fs.Stats;
-  try {
-    st = fs.lstatSync(socketPath);
-  } catch {
-    return;
-  }
-  if (!st.isSocket()) throw new BlockError('EEXIST', `${socketPath} exists and is not a socket`);
-  const live = await new Promise<boolean>((resolve) => {
-    const s = net.connect(socketPath);
-    s.once('connect', () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.once('error', () => resolve(false));
-  });
-  if (live) {
-    throw new BlockError('EBUSY', `a blockgate server is already listening on ${socketPath}`);
-  }
-  fs.rmSync(socketPath, { force: true });
 }
 
 /** One call in flight on a connection. */
