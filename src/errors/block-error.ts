@@ -1,6 +1,13 @@
 import { ERRNO, type ErrnoCode, isErrnoCode, linuxErrno } from './errno.js';
 
 /**
+ * The brand every BlockError carries, in the global symbol registry: two copies of this
+ * module (a plugin bundling its own blockgate, say) make two classes, so `instanceof`
+ * fails across them, but `Symbol.for` gives both the same symbol.
+ */
+const BRAND: unique symbol = Symbol.for('blockgate.BlockError') as never;
+
+/**
  * The one error class of the device stack. It carries a symbolic errno `code` (stable,
  * what tests and protocols look at), the Linux `errno` number, and a human message that
  * may be sent to a client (NBD structured ERROR chunks carry it). The original error,
@@ -24,6 +31,8 @@ export class BlockError extends Error {
    * so every session hears of them, even when one request got it as its own reply.
    */
   readonly writeback: boolean;
+  /** See {@link isBlockError}. */
+  readonly [BRAND] = true;
 
   constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number; writeback?: boolean }) {
     super(message ?? ERRNO[code].message, options?.cause === undefined ? undefined : { cause: options.cause });
@@ -34,9 +43,9 @@ export class BlockError extends Error {
   }
 }
 
-/** True for a BlockError (also across module copies, by duck typing on name and code). */
+/** True for a BlockError, also one made by another copy of this module (by its brand). */
 export function isBlockError(e: unknown): e is BlockError {
-  return e instanceof BlockError;
+  return typeof e === 'object' && e !== null && (e as { [BRAND]?: unknown })[BRAND] === true;
 }
 
 /**
@@ -46,7 +55,7 @@ export function isBlockError(e: unknown): e is BlockError {
  * is swallowed or turned into a disconnect.
  */
 export function toBlockError(e: unknown): BlockError {
-  if (e instanceof BlockError) return e;
+  if (isBlockError(e)) return e;
   if (e instanceof Error) {
     const code = (e as NodeJS.ErrnoException).code;
     if (isErrnoCode(code)) return new BlockError(code, e.message, { cause: e });
