@@ -16,6 +16,8 @@
  *     ]
  *   }
  */
+import fs from 'node:fs';
+import { InvalidArgumentError } from 'commander';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import type { LayerDescription } from '../device/index.js';
@@ -27,29 +29,67 @@ export const DEFAULT_HOST = '127.0.0.1';
 /** The export served when none is given: a 1 GiB memory disk, named ''. */
 export const DEFAULT_EXPORT_SPEC = 'memory:1G';
 
-const Layer = v.looseObject({ type: v.pipe(v.string(), v.minLength(1)) });
+/** The largest TCP port number. */
+const MAX_PORT = 65535;
 
-const ExportSchema = v.strictObject({
-  name: v.pipe(v.string(), v.maxLength(4096)),
-  description: v.optional(v.string()),
-  readOnly: v.optional(v.boolean()),
+/** What a value of each kind must be, in the words of the error a user sees. */
+const str = (what: string) => v.string((i) => `expected ${what}, got ${i.received}`);
+const bool = () => v.boolean((i) => `expected true or false, got ${i.received}`);
+
+/**
+ * An object with exactly these keys: a key not listed is reported as unknown with the
+ * keys allowed (valibot alone says "Expected never"), a wrong type as what was expected.
+ */
+function keys<const E extends v.ObjectEntries>(what: string, entries: E) {
+  const known = Object.keys(entries).join(', ');
+  return v.strictObject(entries, (i) =>
+    i.expected === 'never' ? `unknown key (known: ${known})` : `expected ${what}, got ${i.received}`,
+  );
+}
+
+const Layer = v.looseObject(
+  { type: v.pipe(str('a layer type string'), v.minLength(1, 'must not be empty')) },
+  (i) => `expected a layer object such as { "type": "memory", "size": "1G" }, got ${i.received}`,
+);
+
+const ExportSchema = keys('an export object', {
+  name: v.pipe(str('an export name string'), v.maxLength(4096, 'is longer than the 4096 bytes NBD allows')),
+  description: v.optional(str('a description string')),
+  readOnly: v.optional(bool()),
   backend: Layer,
-  filters: v.optional(v.array(Layer)),
+  filters: v.optional(v.array(Layer, (i) => `expected a list of layers, got ${i.received}`)),
 });
 
-const ListenSchema = v.union([
-  v.strictObject({ host: v.string(), port: v.pipe(v.number(), v.integer(), v.minValue(0), v.maxValue(65535)) }),
-  v.strictObject({ path: v.pipe(v.string(), v.minLength(1)) }),
-]);
+const Port = v.pipe(
+  v.number((i) => `expected a port number, got ${i.received}`),
+  v.integer('expected a whole port number'),
+  v.minValue(0, `expected a port number from 0 to ${MAX_PORT}`),
+  v.maxValue(MAX_PORT, `expected a port number from 0 to ${MAX_PORT}`),
+);
+
+const ListenSchema = v.union(
+  [keys('a TCP listener', { host: str('a host string'), port: Port }), keys('a unix listener', { path: v.pipe(str('a socket path'), v.minLength(1, 'must not be empty')) })],
+  (i) => `expected { "host": ..., "port": ... } or { "path": ... }, got ${i.received}`,
+);
 
 const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
-export const ConfigSchema = v.strictObject({
-  listen: v.optional(v.array(ListenSchema)),
-  defaultExport: v.optional(v.string()),
-  logLevel: v.optional(v.picklist(LEVELS)),
-  exports: v.pipe(v.array(ExportSchema), v.minLength(1)),
+export const ConfigSchema = keys('a configuration object', {
+  listen: v.optional(v.array(ListenSchema, (i) => `expected a list of listeners, got ${i.received}`)),
+  defaultExport: v.optional(str('an export name string')),
+  logLevel: v.optional(v.picklist(LEVELS, `expected one of ${LEVELS.join(', ')}`)),
+  exports: v.pipe(
+    v.array(ExportSchema, (i) => `expected a list of exports, got ${i.received}`),
+    v.minLength(1, 'at least one export is needed'),
+  ),
 });
+
+/** Parses a TCP port from the command line (commander's argument parser: one clear line on error). */
+export function parsePort(value: string): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n > MAX_PORT) throw new InvalidArgumentError(`expected a port number from 0 to ${MAX_PORT}, got '${value}'`);
+  return n;
+}
 
 export type ExportConfig = v.InferOutput<typeof ExportSchema>;
 export type ServeConfig = v.InferOutput<typeof ConfigSchema>;
@@ -78,6 +118,9 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
   throw new BlockError('EINVAL', `${source}: ${path.replace(/^\./, '') || '(top level)'}: ${issue.message}`);
 }
 
+/** The backend types of the short `TYPE:ARG` export form. */
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH'] as const;
+
 /**
  * Parses one short export form of the command line:
  * - `PATH` (an existing file or block device): a file export;
@@ -99,6 +142,14 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
   }
   if (rest === '') throw new BlockError('EINVAL', `export '${spec}': nothing to serve after '='`);
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
+  const typed = /^([A-Za-z][A-Za-z0-9-]*):/.exec(rest);
+  if (!m && typed && !fs.existsSync(rest)) {
+    // `ram:1G` is far more likely a mistyped backend than a file of that name.
+    throw new BlockError(
+      'EINVAL',
+      `export '${spec}': unknown backend type '${typed[1]}' (known: ${SHORT_FORMS.join(', ')}; a file whose name has a colon: file:${rest})`,
+    );
+  }
   let backend: LayerDescription;
   if (!m || m[1] === 'file') backend = { type: 'file', path: m ? m[2]! : rest, ...(readOnly ? { readonly: true } : {}) };
   else backend = { type: m[1]!, size: m[2]! };

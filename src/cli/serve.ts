@@ -26,13 +26,14 @@ import { NbdServer, type ListenAddress } from '../nbd/index.js';
 import { Export } from '../export/index.js';
 import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
-import { newStackContext, type LayerDescription } from '../device/index.js';
+import { StackLayerError, newStackContext, type LayerDescription } from '../device/index.js';
 import {
   DEFAULT_EXPORT_SPEC,
   DEFAULT_HOST,
   DEFAULT_PORT,
   LOG_LEVELS,
   parseConfig,
+  parsePort,
   parseExportSpec,
   type ServeConfig,
 } from './config.js';
@@ -45,8 +46,9 @@ const CONFIG_CONFLICTS = ['address', 'port', 'unix', 'readOnly', 'defaultExport'
 
 interface ServeFlags {
   config?: string;
-  address: string[];
-  port: string;
+  /** Absent when no -a was given (the default host is then used). */
+  address?: string[];
+  port: number;
   unix?: string;
   readOnly?: boolean;
   defaultExport?: string;
@@ -85,10 +87,10 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
   }
   const exports = (specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC]).map((s) => parseExportSpec(s, flags.readOnly));
   if (flags.description && exports[0]) exports[0] = { ...exports[0], description: flags.description };
-  const port = Number(flags.port);
+  const port = flags.port;
   const listen: NonNullable<ServeConfig['listen']> = [];
   if (flags.unix) listen.push({ path: flags.unix });
-  else for (const host of flags.address) listen.push({ host, port });
+  else for (const host of flags.address ?? [DEFAULT_HOST]) listen.push({ host, port });
   return parseConfig(
     { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
     'command line',
@@ -104,13 +106,22 @@ export interface ExportSpec {
   readonly filters?: readonly LayerDescription[] | undefined;
 }
 
-/** Builds every export's device stack; on failure closes what was built. */
-export async function buildExports(cfg: { readonly exports: readonly ExportSpec[] }): Promise<Export[]> {
+/**
+ * Builds every export's device stack; on failure closes what was built. A layer's error
+ * names where it is: `source: exports[0].filters[1]: writeback: maxDirty: ...`.
+ */
+export async function buildExports(cfg: { readonly exports: readonly ExportSpec[] }, source = 'config'): Promise<Export[]> {
   const built: Export[] = [];
   try {
-    for (const e of cfg.exports) {
+    for (const [i, e] of cfg.exports.entries()) {
       const ctx = newStackContext();
-      const device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
+      let device;
+      try {
+        device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
+      } catch (err) {
+        if (!(err instanceof StackLayerError)) throw err;
+        throw new BlockError(err.code, `${source}: exports[${i}].${err.layer}: ${err.message}`, { cause: err });
+      }
       built.push(
         new Export({
           name: e.name,
@@ -129,12 +140,12 @@ export async function buildExports(cfg: { readonly exports: readonly ExportSpec[
 }
 
 async function serve(specs: string[], flags: ServeFlags): Promise<number> {
-  if (flags.run && (flags.unix || flags.address.length > 1)) {
+  if (flags.run && (flags.unix || (flags.address?.length ?? 0) > 1)) {
     throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
   }
   const cfg = configFromFlags(specs, flags);
   const log = stderrLogger(cfg.logLevel ?? 'info');
-  const exports = await buildExports(cfg);
+  const exports = await buildExports(cfg, flags.config ?? 'command line');
   const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
@@ -211,8 +222,8 @@ export function serveCommand(): Command {
         CONFIG_CONFLICTS,
       ),
     )
-    .option('-a, --address <host>', 'listen on this address (repeatable; IPv6 allowed)', (v: string, prev: string[]) => [...prev, v], [] as string[])
-    .option('-p, --port <port>', 'TCP port', String(DEFAULT_PORT))
+    .option('-a, --address <host>', `listen on this address (repeatable; IPv6 allowed; default: ${DEFAULT_HOST})`, (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
+    .option('-p, --port <port>', 'TCP port', parsePort, DEFAULT_PORT)
     .option('-U, --unix <path>', 'listen on a unix socket instead of TCP')
     .option('-r, --read-only', 'serve the exports read-only')
     .option('-e, --default-export <name>', "export given to clients that ask for ''")
@@ -223,7 +234,6 @@ export function serveCommand(): Command {
     .option('--no-control', 'open no control socket')
     .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
     .action(async (specs: string[], flags: ServeFlags) => {
-      if (flags.address.length === 0) flags.address = [DEFAULT_HOST];
       try {
         process.exitCode = await serve(specs, flags);
       } catch (e) {

@@ -1,4 +1,4 @@
-import { BlockError } from '../errors/index.js';
+import { BlockError, toBlockError } from '../errors/index.js';
 import { ErrSeq } from '../errseq/index.js';
 import type { BlockDevice } from './types.js';
 
@@ -57,6 +57,24 @@ export interface StackRegistry {
 }
 
 /**
+ * A layer of a stack failed to build. The message is the layer's own (it names the layer
+ * type and the bad key, e.g. "memory: size: ..."); `layer` says where in the description
+ * the layer is (`backend` or `filters[1]`), so a caller holding the description's own
+ * location (a config file's `exports[0]`) can name the whole key path.
+ */
+export class StackLayerError extends BlockError {
+  readonly layer: string;
+  constructor(layer: string, cause: BlockError) {
+    super(cause.code, cause.message, { cause });
+    this.layer = layer;
+  }
+}
+
+function layerError(layer: string, e: unknown): BlockError {
+  return new StackLayerError(layer, toBlockError(e));
+}
+
+/**
  * Builds a device stack: the backend first, then the filters from the bottom of the
  * list (nearest the backend) up. If a layer fails to build, the layers already built
  * are closed before the error is thrown.
@@ -68,22 +86,34 @@ export async function buildStack(
 ): Promise<BlockDevice> {
   const makeBackend = registry.backends.get(desc.backend.type);
   if (!makeBackend) {
-    throw new BlockError(
-      'EINVAL',
-      `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`,
+    throw layerError(
+      'backend',
+      new BlockError('EINVAL', `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`),
     );
   }
   const layerCtx: StackContext = { ...ctx, registry };
-  let dev = await makeBackend(desc.backend, layerCtx);
+  let dev: BlockDevice;
+  try {
+    dev = await makeBackend(desc.backend, layerCtx);
+  } catch (e) {
+    throw layerError('backend', e);
+  }
   const filters = desc.filters ?? [];
   try {
     for (let i = filters.length - 1; i >= 0; i--) {
       const f = filters[i]!;
       const makeFilter = registry.filters.get(f.type);
       if (!makeFilter) {
-        throw new BlockError('EINVAL', `unknown filter '${f.type}' (known: ${[...registry.filters.keys()].join(', ')})`);
+        throw layerError(
+          `filters[${i}]`,
+          new BlockError('EINVAL', `unknown filter '${f.type}' (known: ${[...registry.filters.keys()].join(', ')})`),
+        );
       }
-      dev = await makeFilter(dev, f, layerCtx);
+      try {
+        dev = await makeFilter(dev, f, layerCtx);
+      } catch (e) {
+        throw layerError(`filters[${i}]`, e);
+      }
     }
   } catch (e) {
     await dev.close().catch(() => undefined);

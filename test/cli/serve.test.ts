@@ -228,7 +228,7 @@ describe('config parsing', () => {
   });
 
   test('-r puts readonly: true in the file backend description (and only there)', () => {
-    const cfg = configFromFlags(['f.img', 'x=file:/y', 'm=memory:1M'], { address: ['127.0.0.1'], port: '0', logLevel: 'info', readOnly: true });
+    const cfg = configFromFlags(['f.img', 'x=file:/y', 'm=memory:1M'], { address: ['127.0.0.1'], port: 0, logLevel: 'info', readOnly: true });
     assert.deepEqual(
       cfg.exports.map((e) => [e.backend, e.readOnly]),
       [
@@ -241,7 +241,7 @@ describe('config parsing', () => {
   });
 
   test('flags: the default export and listeners', () => {
-    const cfg = configFromFlags([], { address: ['127.0.0.1', '::1'], port: '10900', logLevel: 'info' });
+    const cfg = configFromFlags([], { address: ['127.0.0.1', '::1'], port: 10900, logLevel: 'info' });
     assert.deepEqual(cfg.exports, [{ name: '', backend: { type: 'memory', size: '1G' }, readOnly: false }]);
     assert.deepEqual(cfg.listen, [
       { host: '127.0.0.1', port: 10900 },
