@@ -20,7 +20,7 @@ import fs from 'node:fs';
 import { InvalidArgumentError } from 'commander';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
-import type { LayerDescription } from '../device/index.js';
+import { parseOrThrow, type LayerDescription } from '../device/index.js';
 
 /** Default TCP port (IANA's NBD port). */
 export const DEFAULT_PORT = 10809;
@@ -101,21 +101,16 @@ export const LOG_LEVELS: readonly string[] = LEVELS;
  * first bad key as a path, e.g. `exports[0].backend.type: Invalid type: Expected string`.
  */
 export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
-  const r = v.safeParse(ConfigSchema, raw);
-  if (r.success) {
-    const names = new Set<string>();
-    r.output.exports.forEach((e, i) => {
-      if (names.has(e.name)) throw new BlockError('EINVAL', `${source}: exports[${i}].name: duplicate export name '${e.name}'`);
-      names.add(e.name);
-    });
-    if (r.output.defaultExport !== undefined && !names.has(r.output.defaultExport)) {
-      throw new BlockError('EINVAL', `${source}: defaultExport: no export named '${r.output.defaultExport}'`);
-    }
-    return r.output;
+  const cfg = parseOrThrow(ConfigSchema, raw, source);
+  const names = new Set<string>();
+  cfg.exports.forEach((e, i) => {
+    if (names.has(e.name)) throw new BlockError('EINVAL', `${source}: exports[${i}].name: duplicate export name '${e.name}'`);
+    names.add(e.name);
+  });
+  if (cfg.defaultExport !== undefined && !names.has(cfg.defaultExport)) {
+    throw new BlockError('EINVAL', `${source}: defaultExport: no export named '${cfg.defaultExport}'`);
   }
-  const issue = r.issues[0];
-  const path = issue.path?.map((p) => (typeof p.key === 'number' ? `[${p.key}]` : `.${String(p.key)}`)).join('') ?? '';
-  throw new BlockError('EINVAL', `${source}: ${path.replace(/^\./, '') || '(top level)'}: ${issue.message}`);
+  return cfg;
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */

@@ -25,7 +25,7 @@ import { Command } from 'commander';
 import { shutdownSignal, stderrLogger } from './daemon.js';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
-import { parseSize, type StackDescription } from '../device/index.js';
+import { parseOrThrow, parseSize, type StackDescription } from '../device/index.js';
 import { GGATE, GGATED_EXPORTS, MAX_REQUEST_LENGTH } from '../ggate/index.js';
 import { GgatedServer, loadExportsFile, lookupIPv4 } from '../ggate/ggated.js';
 
@@ -54,11 +54,7 @@ export function loadGgatedConfig(file: string): Record<string, StackDescription>
   } catch (e) {
     throw new BlockError('EINVAL', `${file}: ${(e as Error).message}`, { cause: e });
   }
-  const r = v.safeParse(GgatedConfigSchema, raw);
-  if (r.success) return r.output;
-  const issue = r.issues[0];
-  const where = issue.path?.map((p) => (typeof p.key === 'number' ? `[${p.key}]` : `.${String(p.key)}`)).join('') ?? '';
-  throw new BlockError('EINVAL', `${file}: ${where.replace(/^\./, '') || '(top level)'}: ${issue.message}`);
+  return parseOrThrow(GgatedConfigSchema, raw, file);
 }
 
 /** An integer option in [min, max] (ggated uses strtoul; here junk is an error, not 0). */

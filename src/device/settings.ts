@@ -40,13 +40,33 @@ export function settingsSchema<const E extends v.ObjectEntries>(entries: E) {
 }
 
 /**
- * Validates `desc` against `schema`; on failure throws BlockError EINVAL whose message
- * names the layer and the bad key, e.g. "memory: size: invalid size 'x' (...)".
+ * The key path of a valibot issue as a config file spells it: `exports[0].backend.type`
+ * (valibot's own dot path says `exports.0.backend.type`); '' for the value itself.
  */
-export function parseSettings<S extends v.GenericSchema>(layer: string, schema: S, desc: unknown): v.InferOutput<S> {
-  const result = v.safeParse(schema, desc);
+export function issuePath(issue: v.BaseIssue<unknown>): string {
+  return (issue.path ?? [])
+    .map((p) => (typeof p.key === 'number' ? `[${p.key}]` : `.${String(p.key)}`))
+    .join('')
+    .replace(/^\./, '');
+}
+
+/**
+ * The one "validate and name the bad key" function: returns the parsed value, or throws
+ * BlockError EINVAL `WHERE: KEY.PATH: message` for the first issue. `top` names the value
+ * itself when the issue is about it rather than a key ('' leaves the key part out).
+ */
+export function parseOrThrow<S extends v.GenericSchema>(schema: S, value: unknown, where: string, top = '(top level)'): v.InferOutput<S> {
+  const result = v.safeParse(schema, value);
   if (result.success) return result.output;
   const issue = result.issues[0];
-  const where = v.getDotPath(issue) ?? '(settings)';
-  throw new BlockError('EINVAL', `${layer}: ${where}: ${issue.message}`);
+  const key = issuePath(issue) || top;
+  throw new BlockError('EINVAL', `${where}: ${key === '' ? '' : `${key}: `}${issue.message}`);
+}
+
+/**
+ * Validates a layer's settings `desc` against `schema`; on failure throws BlockError
+ * EINVAL whose message names the layer and the bad key, e.g. "memory: size: invalid size 'x' (...)".
+ */
+export function parseSettings<S extends v.GenericSchema>(layer: string, schema: S, desc: unknown): v.InferOutput<S> {
+  return parseOrThrow(schema, desc, layer, '(settings)');
 }

@@ -391,7 +391,7 @@ describe('cow filter', () => {
       [{ volatile: 'yes' }, /^cow: volatile: expected true or false/],
       [{ dir: '/tmp' }, /^cow: dir: only used with upper: 'file'/],
       [{ upperFilters: 'writeback' }, /^cow: upperFilters: expected a list/],
-      [{ upperFilters: [{ kind: 'x' }] }, /^cow: upperFilters\.0\.type: /],
+      [{ upperFilters: [{ kind: 'x' }] }, /^cow: upperFilters\[0\]\.type: /],
       [{ upperFilters: [{ type: 'writeback', maxDirty: 'x' }] }, /^cow: upperFilters: writeback: maxDirty: /],
       [{ upperFilters: [{ type: 'nope' }] }, /^cow: upperFilters: unknown filter 'nope'/],
       [{ uper: 'memory' }, /^cow: uper: unknown setting/],

@@ -181,7 +181,7 @@ describe('error filter', () => {
     const bad: [Record<string, unknown>, RegExp][] = [
       [{ error: 'EFOO' }, /^error: error: expected an errno name/],
       [{ error: 5 }, /^error: error: /],
-      [{ ops: ['read', 'frobnicate'] }, /^error: ops\.1: expected one of read, write, flush/],
+      [{ ops: ['read', 'frobnicate'] }, /^error: ops\[1\]: expected one of read, write, flush/],
       [{ ops: [] }, /^error: ops: must name at least one operation/],
       [{ ops: 'read' }, /^error: ops: expected a list/],
       [{ rate: 1.5 }, /^error: rate: must be from 0 to 1/],
