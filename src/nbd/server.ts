@@ -8,7 +8,7 @@ import pino, { type Logger } from 'pino';
 import { BlockError } from '../errors/index.js';
 import { claimSocketPath } from '../io/listen.js';
 import type { Export, ExportTable } from '../export/export.js';
-import { DEFAULT_LIMITS, validateLimits, type ServerLimits } from './limits.js';
+import { DEFAULT_LIMITS, InFlightBudget, validateLimits, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './session.js';
 import { BufferPool } from '../io/buffer-pool.js';
 import { closeListeners, drainSessions } from '../io/drain.js';
@@ -31,6 +31,7 @@ export class NbdServer implements SessionHost, ExportTable {
   readonly limits: ServerLimits;
   readonly logger: Logger;
   readonly pool = new BufferPool();
+  readonly budget: InFlightBudget;
   readonly #exports = new Map<string, Export>();
   readonly #defaultName: string;
   readonly #servers: net.Server[] = [];
@@ -43,6 +44,7 @@ export class NbdServer implements SessionHost, ExportTable {
   constructor(opts: NbdServerOptions) {
     this.limits = validateLimits({ ...DEFAULT_LIMITS, ...opts.limits });
     this.logger = opts.logger ?? pino({ level: 'silent' });
+    this.budget = new InFlightBudget(this.limits.maxServerInFlightBytes);
     for (const e of opts.exports) {
       if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `duplicate export name '${e.name}'`);
       this.#exports.set(e.name, e);
@@ -97,6 +99,11 @@ export class NbdServer implements SessionHost, ExportTable {
     return this.#sessions.size;
   }
 
+  /** Payload bytes in flight over all sessions (what maxServerInFlightBytes bounds). */
+  get inFlightBytes(): number {
+    return this.budget.used;
+  }
+
   sessionClosed(session: NbdSession): void {
     this.#sessions.delete(session);
     if (this.#sessions.size === 0 && this.#drained) this.#drained();
@@ -125,6 +132,17 @@ export class NbdServer implements SessionHost, ExportTable {
 
   #accept(socket: net.Socket): void {
     if (this.#shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    if (this.#sessions.size >= this.limits.maxConnections) {
+      // Refused by closing before the greeting. NBD has no way to refuse a connection
+      // before it, and the alternative (greet, then answer the first option with an
+      // error) means reading the peer's flags and option for a connection we want to
+      // cost nothing; NBD_REP_ERR_SHUTDOWN would also claim a shutdown that is not
+      // happening. Clients report a connection closed during the handshake and may retry.
+      const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+      this.logger.info({ peer, maxConnections: this.limits.maxConnections }, 'connection refused: too many connections');
       socket.destroy();
       return;
     }

@@ -44,7 +44,7 @@ import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshak
 import { replyWriter, type ReplyWriter } from './replies.js';
 import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
 import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
-import type { ServerLimits } from './limits.js';
+import type { InFlightBudget, ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
 import { lendReadBuffers } from '../io/lent-buffers.js';
 import { ReceiveBuffers, type RxBuffer } from './receive-buffers.js';
@@ -55,6 +55,8 @@ export interface SessionHost {
   readonly logger: Logger;
   /** Large buffers for payloads and read replies, shared by the server's sessions. */
   readonly pool: BufferPool;
+  /** The in-flight byte budget shared by the server's sessions. */
+  readonly budget: InFlightBudget;
   /** The export for a name ('' = the default export), or undefined. */
   findExport(name: string): Export | undefined;
   /** Every export, for NBD_OPT_LIST. */
@@ -549,9 +551,14 @@ export class NbdSession implements ExportSession {
   #begin(cost: number): void {
     this.#inFlight++;
     this.#inFlightBytes += cost;
+    this.#host.budget.take(cost);
     const l = this.#host.limits;
     if (!this.#readPaused && (this.#inFlight >= l.maxInFlightRequests || this.#inFlightBytes >= l.maxInFlightBytes)) {
       this.#pauseInput();
+    }
+    if (!this.#readPaused && this.#host.budget.exhausted) {
+      this.#pauseInput();
+      this.#host.budget.wait(this.#wake);
     }
   }
 
@@ -596,6 +603,7 @@ export class NbdSession implements ExportSession {
   #finish(req: Request, result: Reply): void {
     this.#inFlight--;
     this.#inFlightBytes -= req.cost;
+    this.#host.budget.release(req.cost);
     // The device is done with the payload (BlockDevice.write must not keep it).
     if (req.owner) this.#host.pool.put(req.owner);
     if (req.rx) for (const r of req.rx) this.#rxBuffers.release(r);
@@ -693,6 +701,7 @@ export class NbdSession implements ExportSession {
     const l = this.#host.limits;
     if (this.#inFlight >= l.maxInFlightRequests || this.#inFlightBytes >= l.maxInFlightBytes) return;
     if (this.#repliesBacklogged()) return;
+    if (this.#host.budget.exhausted) return this.#host.budget.wait(this.#wake);
     this.#readPaused = false;
     if (this.#parsing) {
       this.#resumeAfterParse = true;
@@ -702,6 +711,9 @@ export class NbdSession implements ExportSession {
   }
 
   /** Feeds the bytes kept while paused, in order, then lets the socket read again. */
+  /** Called by the server budget when bytes come back. */
+  readonly #wake = (): void => this.#maybeResume();
+
   #resumeInput(): void {
     // The fields, not locals: feeding can pause again (and queue the rest) or resume
     // the feeding from inside #feed.
@@ -737,6 +749,7 @@ export class NbdSession implements ExportSession {
     this.#pendingChunks = [];
     this.#pendingHead = 0;
     this.#rxBuffers.close();
+    this.#host.budget.forget(this.#wake);
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);

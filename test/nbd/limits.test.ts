@@ -19,5 +19,13 @@ test('a server refuses limits it could not honour, naming the key', () => {
   assert.throws(() => new NbdServer({ exports: exports(), limits: { maxInFlightRequests: 0 } }), /limits\.maxInFlightRequests/);
   assert.throws(() => new NbdServer({ exports: exports(), limits: { maxOptions: -1 } }), /limits\.maxOptions/);
   assert.throws(() => new NbdServer({ exports: exports(), limits: { handshakeTimeoutMs: 1.5 } }), /limits\.handshakeTimeoutMs/);
+  assert.throws(() => new NbdServer({ exports: exports(), limits: { maxConnections: 0 } }), /limits\.maxConnections/);
+  assert.throws(() => new NbdServer({ exports: exports(), limits: { maxServerInFlightBytes: 0 } }), /limits\.maxServerInFlightBytes/);
   assert.doesNotThrow(() => new NbdServer({ exports: exports(), limits: { maxPayload: MAX_PAYLOAD_LIMIT } }));
+});
+
+test('the server-wide defaults: 100 connections and a 10 s handshake (as qemu), 8 sessions of in-flight bytes', () => {
+  assert.equal(DEFAULT_LIMITS.maxConnections, 100);
+  assert.equal(DEFAULT_LIMITS.handshakeTimeoutMs, 10_000);
+  assert.equal(DEFAULT_LIMITS.maxServerInFlightBytes, 8 * DEFAULT_LIMITS.maxInFlightBytes);
 });
