@@ -31,15 +31,18 @@ export class BlockError extends Error {
    * so every session hears of them, even when one request got it as its own reply.
    */
   readonly writeback: boolean;
+  /** True for a failure made on purpose (the error filter): logged where people look, at info. */
+  readonly injected: boolean;
   /** See {@link isBlockError}. */
   readonly [BRAND] = true;
 
-  constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number; writeback?: boolean }) {
+  constructor(code: ErrnoCode, message?: string, options?: { cause?: unknown; offset?: number; writeback?: boolean; injected?: boolean }) {
     super(message ?? ERRNO[code].message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.code = code;
     this.errno = linuxErrno(code);
     this.offset = options?.offset;
     this.writeback = options?.writeback ?? false;
+    this.injected = options?.injected ?? false;
   }
 }
 

@@ -1,3 +1,4 @@
 export * from './export.js';
 export * from './registry.js';
 export * from './flush.js';
+export * from './error-log.js';

@@ -154,6 +154,7 @@ export class ErrorFilter extends FilterDevice {
     this.#injected++;
     const what = isWriteback ? `write-back ${op}` : op;
     throw new BlockError(this.#code, `${what}: injected ${this.#code} (error filter)`, {
+      injected: true,
       ...(offset !== null ? { offset } : {}),
     });
   }

@@ -31,6 +31,8 @@ export class WireError {
   constructor(
     readonly error: BlockError,
     readonly withOffset = false,
+    /** What the device threw (for the log: an unexpected exception is logged with its stack); null for errors found by the validator. */
+    readonly thrown: unknown = null,
   ) {}
 }
 
@@ -74,7 +76,7 @@ export class RequestRunner {
 
   /** The error reply for a request whose run rejected with `e`. */
   failed(h: RequestHeader, e: unknown): WireError {
-    return new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ);
+    return new WireError(this.#recordWriteback(toBlockError(e)), h.type === NBD_CMD.NBD_CMD_READ, e);
   }
 
   /** Runs a validated request on the device; resolves to the reply to send. */

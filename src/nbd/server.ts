@@ -8,6 +8,7 @@ import pino, { type Logger } from 'pino';
 import { BlockError } from '../errors/index.js';
 import { claimSocketPath } from '../io/listen.js';
 import type { Export, ExportTable } from '../export/export.js';
+import { RequestErrorLog } from '../export/error-log.js';
 import { DEFAULT_LIMITS, InFlightBudget, validateLimits, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './session.js';
 import { BufferPool } from '../io/buffer-pool.js';
@@ -32,6 +33,7 @@ export class NbdServer implements SessionHost, ExportTable {
   readonly logger: Logger;
   readonly pool = new BufferPool();
   readonly budget: InFlightBudget;
+  readonly errorLog = new RequestErrorLog();
   readonly #exports = new Map<string, Export>();
   readonly #defaultName: string;
   readonly #servers: net.Server[] = [];

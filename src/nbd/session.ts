@@ -40,6 +40,7 @@ import {
   type RequestHeader,
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
+import type { RequestErrorLog } from '../export/error-log.js';
 import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
 import { replyWriter, type ReplyWriter } from './replies.js';
 import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
@@ -57,6 +58,8 @@ export interface SessionHost {
   readonly pool: BufferPool;
   /** The in-flight byte budget shared by the server's sessions. */
   readonly budget: InFlightBudget;
+  /** How failed requests are logged (rate limits unexpected exceptions server-wide). */
+  readonly errorLog: RequestErrorLog;
   /** The export for a name ('' = the default export), or undefined. */
   findExport(name: string): Export | undefined;
   /** Every export, for NBD_OPT_LIST. */
@@ -204,7 +207,7 @@ export class NbdSession implements ExportSession {
     this.#socket = socket;
     this.#lent = lent !== null;
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-    this.#log = host.logger.child({ session: this.id });
+    this.#log = host.logger.child({ session: this.id, peer: this.peer });
     socket.setNoDelay(true);
     if (!lent) {
       socket.on('data', (chunk: Buffer) => this.#onData(chunk, null));
@@ -672,7 +675,7 @@ export class NbdSession implements ExportSession {
 
   #replyError(w: ReplyWriter, h: RequestHeader, err: WireError): void {
     const e = err.error;
-    if (e.code !== 'ESHUTDOWN') this.#log.debug({ cmd: commandName(h.type), code: e.code, msg: e.message }, 'request failed');
+    if (e.code !== 'ESHUTDOWN') this.#host.errorLog.log(this.#log, err.thrown ?? e, e, { cmd: commandName(h.type), export: this.#export?.name });
     // The failing offset is sent only if it lies inside the request (a read's own failure).
     const withOffset = err.withOffset && e.offset !== undefined && e.offset >= h.offset && e.offset < h.offset + h.length;
     w.error(h, nbdErrno(e, h.type, h.flags), e.message, withOffset ? e.offset : undefined);
