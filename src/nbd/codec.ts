@@ -21,15 +21,30 @@ export function isDecodeError(x: unknown): x is DecodeError {
   return typeof x === 'object' && x !== null && 'error' in x;
 }
 
+/** 2^32: the weight of a u64's high u32 half. */
+const U32_RANGE = 0x1_0000_0000;
+
 /** Reads a u64 as a number under the safe-integer discipline; above 2^53 - 1 it is not a safe integer. */
 export function readU64(buf: Buffer, off: number): number {
-  return buf.readUInt32BE(off) * 0x1_0000_0000 + buf.readUInt32BE(off + 4);
+  return buf.readUInt32BE(off) * U32_RANGE + buf.readUInt32BE(off + 4);
 }
 
-/** Writes a non-negative safe integer as a u64. */
+/** Writes a non-negative safe integer as a u64 (server-chosen values only: a peer's u64 is echoed with {@link writeU64Halves}). */
 export function writeU64(buf: Buffer, value: number, off: number): void {
-  buf.writeUInt32BE(Math.floor(value / 0x1_0000_0000), off);
+  buf.writeUInt32BE(Math.floor(value / U32_RANGE), off);
   buf.writeUInt32BE(value >>> 0, off + 4);
+}
+
+/** Writes a u64 given as the two u32 halves it was read as; any pair of u32 is valid, so this cannot throw. */
+export function writeU64Halves(buf: Buffer, high: number, low: number, off: number): void {
+  buf.writeUInt32BE(high, off);
+  buf.writeUInt32BE(low, off + 4);
+}
+
+/** Writes a u64 a client chose (tests and client side): a bigint carries all 64 bits, a number must be a safe integer. */
+function writeClientU64(buf: Buffer, value: number | bigint, off: number): void {
+  if (typeof value === 'bigint') buf.writeBigUInt64BE(value, off);
+  else writeU64(buf, value, off);
 }
 
 // ---------------------------------------------------------------------------------
@@ -260,6 +275,13 @@ export interface RequestHeader {
   readonly cookie: bigint;
   /** Not a safe integer if the wire value exceeds 2^53 - 1 (the validator rejects it). */
   readonly offset: number;
+  /**
+   * The wire offset's high and low u32, kept because `offset` rounds above 2^53 and
+   * extended reply headers must echo the request's offset exactly, even one the
+   * validator rejects (two numbers, so decoding allocates no bigint per request).
+   */
+  readonly offsetHigh: number;
+  readonly offsetLow: number;
   /** 32-bit in compact headers, 64-bit (same discipline as offset) in extended ones. */
   readonly length: number;
 }
@@ -272,6 +294,8 @@ export function decodeCompactRequest(buf: Buffer, off = 0): RequestHeader {
     type: buf.readUInt16BE(off + 6),
     cookie: buf.readBigUInt64BE(off + 8),
     offset: readU64(buf, off + 16),
+    offsetHigh: buf.readUInt32BE(off + 16),
+    offsetLow: buf.readUInt32BE(off + 20),
     length: buf.readUInt32BE(off + 24),
   };
 }
@@ -284,17 +308,22 @@ export function decodeExtendedRequest(buf: Buffer, off = 0): RequestHeader {
     type: buf.readUInt16BE(off + 6),
     cookie: buf.readBigUInt64BE(off + 8),
     offset: readU64(buf, off + 16),
+    offsetHigh: buf.readUInt32BE(off + 16),
+    offsetLow: buf.readUInt32BE(off + 20),
     length: readU64(buf, off + 24),
   };
 }
 
-/** Client side: a compact (or, with `extended`, a 32-byte) request header. */
+/**
+ * Client side: a compact (or, with `extended`, a 32-byte) request header. A bigint
+ * offset or length reaches the u64 values a number cannot (tests probing the edge).
+ */
 export function encodeRequest(
   flags: number,
   type: number,
   cookie: bigint,
-  offset: number,
-  length: number,
+  offset: number | bigint,
+  length: number | bigint,
   extended = false,
 ): Buffer {
   const b = Buffer.alloc(extended ? NBD_SIZE.EXTENDED_REQUEST : NBD_SIZE.COMPACT_REQUEST);
@@ -302,9 +331,9 @@ export function encodeRequest(
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(type, 6);
   b.writeBigUInt64BE(cookie, 8);
-  writeU64(b, offset, 16);
-  if (extended) writeU64(b, length, 24);
-  else b.writeUInt32BE(length, 24);
+  writeClientU64(b, offset, 16);
+  if (extended) writeClientU64(b, length, 24);
+  else b.writeUInt32BE(Number(length), 24);
   return b;
 }
 
@@ -333,23 +362,23 @@ export function writeStructuredHeader(
 
 /**
  * Writes a 32-byte extended chunk header: magic, u16 flags, u16 type, u64 cookie,
- * u64 offset (the request's offset), u64 payload length.
+ * u64 offset (the request's, echoed from its raw halves so any u64 comes back
+ * exactly), u64 payload length (the server's own, a safe integer).
  */
 export function writeExtendedHeader(
   buf: Buffer,
   off: number,
   flags: number,
   type: number,
-  cookie: bigint,
-  offset: number,
+  h: Pick<RequestHeader, 'cookie' | 'offsetHigh' | 'offsetLow'>,
   length: number,
 ): void {
   buf.writeUInt32BE(NBD_MAGIC.NBD_EXTENDED_REPLY_MAGIC, off);
   buf.writeUInt16BE(flags, off + 4);
   buf.writeUInt16BE(type, off + 6);
-  buf.writeBigUInt64BE(cookie, off + 8);
-  writeU64(buf, offset, 16);
-  writeU64(buf, length, 24);
+  buf.writeBigUInt64BE(h.cookie, off + 8);
+  writeU64Halves(buf, h.offsetHigh, h.offsetLow, off + 16);
+  writeU64(buf, length, off + 24);
 }
 
 /** A decoded reply header of any form (client side and tests). */
@@ -360,6 +389,8 @@ export interface ReplyHeader {
   readonly type: number;
   readonly cookie: bigint;
   readonly offset: number;
+  /** The extended header's offset with all 64 bits (`offset` rounds above 2^53); 0n for other forms. */
+  readonly exactOffset: bigint;
   readonly length: number;
   /** Header size in bytes. */
   readonly size: number;
@@ -376,6 +407,7 @@ export function decodeReplyHeader(buf: Buffer, off = 0): ReplyHeader {
       type: 0,
       cookie: buf.readBigUInt64BE(off + 8),
       offset: 0,
+      exactOffset: 0n,
       length: 0,
       size: 16,
     };
@@ -388,6 +420,7 @@ export function decodeReplyHeader(buf: Buffer, off = 0): ReplyHeader {
       type: buf.readUInt16BE(off + 6),
       cookie: buf.readBigUInt64BE(off + 8),
       offset: 0,
+      exactOffset: 0n,
       length: buf.readUInt32BE(off + 16),
       size: 20,
     };
@@ -400,11 +433,12 @@ export function decodeReplyHeader(buf: Buffer, off = 0): ReplyHeader {
       type: buf.readUInt16BE(off + 6),
       cookie: buf.readBigUInt64BE(off + 8),
       offset: readU64(buf, off + 16),
+      exactOffset: buf.readBigUInt64BE(off + 16),
       length: readU64(buf, off + 24),
       size: 32,
     };
   }
-  return { kind: 'bad', error: 0, flags: 0, type: 0, cookie: 0n, offset: 0, length: 0, size: 0 };
+  return { kind: 'bad', error: 0, flags: 0, type: 0, cookie: 0n, offset: 0, exactOffset: 0n, length: 0, size: 0 };
 }
 
 /** Longest error message sent in an ERROR chunk; longer ones are cut (spec strings SHOULD be <= 256). */

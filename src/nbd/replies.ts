@@ -140,11 +140,11 @@ const EXTENDED: ChunkFormat = {
   mode: MODE.EXTENDED,
   headerSize: NBD_SIZE.EXTENDED_REPLY_HEADER,
   writeHeader(buf, flags, type, h, length) {
-    writeExtendedHeader(buf, 0, flags, type, h.cookie, h.offset, length);
+    writeExtendedHeader(buf, 0, flags, type, h, length);
   },
   done(h) {
     const b = Buffer.allocUnsafe(NBD_SIZE.EXTENDED_REPLY_HEADER);
-    writeExtendedHeader(b, 0, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, h.cookie, h.offset, 0);
+    writeExtendedHeader(b, 0, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, h, 0);
     return b;
   },
   blockStatus: (descs) => ({ type: NBD_REPLY_TYPE.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, payload: encodeBlockStatusExt(BASE_ALLOCATION_ID, descs) }),

@@ -79,6 +79,14 @@ export function validateRequest(h: RequestHeader, ctx: ValidationContext): Block
   if (ctx.mode === MODE.EXTENDED && h.type === C.NBD_CMD_WRITE && !ctx.hasPayload) {
     return new BlockError('EINVAL', 'WRITE without NBD_CMD_FLAG_PAYLOAD_LEN');
   }
+  // Above 2^53 - 1 the numbers the device path works with are not the peer's values
+  // (offsets and, in extended mode, lengths are u64 on the wire), so such a request is
+  // refused here whatever the command. EINVAL: the spec's answer to a range beyond the
+  // export, which any such value is; EOVERFLOW is only a MAY for over-long payload-less
+  // requests, and clients treat EINVAL alike.
+  if (!Number.isSafeInteger(h.offset) || !Number.isSafeInteger(h.length)) {
+    return new BlockError('EINVAL', `${commandName(h.type)}: offset or length is beyond 2^53 - 1`);
+  }
   switch (h.type) {
     case C.NBD_CMD_FLUSH:
       if (h.offset !== 0 || h.length !== 0) return new BlockError('EINVAL', 'FLUSH offset and length must be 0');

@@ -30,7 +30,7 @@ import {
   writeStructuredHeader,
   writeU64,
 } from '../../src/nbd/codec.js';
-import { NBD_CMD, NBD_OPT, NBD_REP, NBD_REPLY_TYPE } from '../../src/nbd/constants.js';
+import { NBD_CMD, NBD_OPT, NBD_REP, NBD_REPLY_TYPE, NBD_SIZE } from '../../src/nbd/constants.js';
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ''), 'hex');
 
@@ -92,20 +92,29 @@ test('META_CONTEXT request: decode and bounds', () => {
 test('compact request: 28 bytes, 64-bit offset', () => {
   const b = hex('25609513 0001 0001 0102030405060708 0000010000000000 00001000');
   const r = decodeCompactRequest(b);
-  assert.deepEqual(r, { magicOk: true, flags: 1, type: NBD_CMD.NBD_CMD_WRITE, cookie: 0x0102030405060708n, offset: 2 ** 40, length: 4096 });
+  assert.deepEqual(r, { magicOk: true, flags: 1, type: NBD_CMD.NBD_CMD_WRITE, cookie: 0x0102030405060708n, offset: 2 ** 40, offsetHigh: 0x100, offsetLow: 0, length: 4096 });
   assert.deepEqual(encodeRequest(1, 1, 0x0102030405060708n, 2 ** 40, 4096), b);
 });
 
 test('extended request: 32 bytes, 64-bit length', () => {
   const b = hex('21e41c71 0020 0001 00000000000000ff 0000000000001000 0000000100000000');
   const r = decodeExtendedRequest(b);
-  assert.deepEqual(r, { magicOk: true, flags: 0x20, type: 1, cookie: 255n, offset: 4096, length: 2 ** 32 });
+  assert.deepEqual(r, { magicOk: true, flags: 0x20, type: 1, cookie: 255n, offset: 4096, offsetHigh: 0, offsetLow: 4096, length: 2 ** 32 });
   assert.deepEqual(encodeRequest(0x20, 1, 255n, 4096, 2 ** 32, true), b);
 });
 
 test('offsets above 2^53 - 1 decode to values that are not safe integers', () => {
   const r = decodeCompactRequest(hex('25609513 0000 0000 0000000000000000 ffffffffffffffff 00000000'));
   assert.equal(Number.isSafeInteger(r.offset), false);
+});
+
+test('an extended reply header echoes any u64 request offset exactly, 2^64 - 1 included', () => {
+  for (const offset of [2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n]) {
+    const h = decodeExtendedRequest(encodeRequest(0, NBD_CMD.NBD_CMD_READ, 9n, offset, 0, true));
+    const e = Buffer.alloc(NBD_SIZE.EXTENDED_REPLY_HEADER);
+    writeExtendedHeader(e, 0, 1, NBD_REPLY_TYPE.NBD_REPLY_TYPE_ERROR, h, 0);
+    assert.equal(decodeReplyHeader(e).exactOffset, offset);
+  }
 });
 
 test('simple, structured and extended reply headers', () => {
@@ -116,7 +125,7 @@ test('simple, structured and extended reply headers', () => {
   writeStructuredHeader(c, 0, 1, NBD_REPLY_TYPE.NBD_REPLY_TYPE_OFFSET_DATA, 7n, 520);
   assert.deepEqual(c, hex('668e33ef 0001 0001 0000000000000007 00000208'));
   const e = Buffer.alloc(32);
-  writeExtendedHeader(e, 0, 1, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, 7n, 512, 0);
+  writeExtendedHeader(e, 0, 1, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, { cookie: 7n, offsetHigh: 0, offsetLow: 512 }, 0);
   assert.deepEqual(e, hex('6e8a278c 0001 0000 0000000000000007 0000000000000200 0000000000000000'));
   assert.equal(decodeReplyHeader(s).kind, 'simple');
   assert.equal(decodeReplyHeader(c).length, 520);
@@ -165,7 +174,8 @@ test('request encode/decode round-trip', () => {
       (flags, type, cookie, offset, length, ext) => {
         const b = encodeRequest(flags, type, cookie, offset, length, ext);
         const r = ext ? decodeExtendedRequest(b) : decodeCompactRequest(b);
-        assert.deepEqual(r, { magicOk: true, flags, type, cookie, offset, length });
+        const halves = { offsetHigh: Math.floor(offset / 2 ** 32), offsetLow: offset % 2 ** 32 };
+        assert.deepEqual(r, { magicOk: true, flags, type, cookie, offset, ...halves, length });
       },
     ),
   );

@@ -19,10 +19,11 @@ import {
   NBD_REPLY_TYPE,
   NBD_SIZE,
   NBD_STATE,
+  commandName,
 } from '../../src/nbd/constants.js';
-import { encodeInfoRequest, encodeMetaContextRequest, readU64 } from '../../src/nbd/codec.js';
+import { encodeInfoRequest, encodeMetaContextRequest, encodeRequest, readU64 } from '../../src/nbd/codec.js';
 import { RawClient } from '../helpers/raw-client.js';
-import { connect, expectError, expectOk, pattern, readReply, serveExports, type DirectServer } from './helpers.js';
+import { connect, decodeErrorPayload, expectError, expectOk, pattern, readReply, serveExports, type Chunk, type DirectServer } from './helpers.js';
 
 const C = NBD_CMD;
 const F = NBD_CMD_FLAG;
@@ -353,6 +354,66 @@ describe('transmission with extended headers', () => {
       r.filter((x) => x.type === NBD_REP.NBD_REP_META_CONTEXT).map((x) => x.data.subarray(4).toString()),
       [BASE_ALLOCATION],
     );
+    c.close();
+  });
+});
+
+/**
+ * u64 values at and beyond the float edge: 2^53 - 1 is the last safe integer, 2^53 + 1
+ * the first one a number rounds, and 2^64 - 1 rounds up to 2^64, which no u64 holds.
+ */
+const U64_EDGES = [2n ** 53n - 1n, 2n ** 53n, 2n ** 53n + 1n, 2n ** 63n, 2n ** 64n - 1n] as const;
+/** The commands whose offset and 64-bit length reach validation with no payload to frame. */
+const PAYLOAD_LESS = [C.NBD_CMD_READ, C.NBD_CMD_TRIM, C.NBD_CMD_WRITE_ZEROES, C.NBD_CMD_BLOCK_STATUS, C.NBD_CMD_CACHE] as const;
+/** A length every command above accepts at an in-range offset. */
+const EDGE_LENGTH = 512;
+
+describe('offsets and lengths at the 64-bit edges', () => {
+  /** One edge request: where it points, and the error it must get. */
+  interface EdgeCase {
+    readonly type: number;
+    readonly offset: bigint;
+    readonly length: bigint;
+  }
+  const cases: EdgeCase[] = PAYLOAD_LESS.flatMap((type) => [
+    ...U64_EDGES.map((offset) => ({ type, offset, length: BigInt(EDGE_LENGTH) })),
+    ...U64_EDGES.map((length) => ({ type, offset: 0n, length })),
+  ]);
+
+  /**
+   * Every case is out of range, so EINVAL, except a WRITE_ZEROES whose offset and length
+   * are both safe integers: that one is a zero past the end, ENOSPC as for any other.
+   */
+  function expectedErrno(e: EdgeCase): number {
+    const safe = BigInt(Number.MAX_SAFE_INTEGER);
+    const pastTheEnd = e.offset <= safe && e.length <= safe;
+    return e.type === C.NBD_CMD_WRITE_ZEROES && pastTheEnd ? NBD_ERROR.NBD_ENOSPC : NBD_ERROR.NBD_EINVAL;
+  }
+
+  test('each gets its error chunk echoing the exact offset, and a FLUSH queued after them is answered on the same connection', async () => {
+    const c = await ext();
+    cases.forEach((e, i) => c.write(encodeRequest(0, e.type, BigInt(i + 1), e.offset, e.length, true)));
+    const flushCookie = BigInt(cases.length + 1);
+    c.request(0, C.NBD_CMD_FLUSH, flushCookie, 0, 0, true);
+    const replies = new Map<bigint, Chunk[]>();
+    for (let i = 0; i <= cases.length; i++) {
+      const r = await readReply(c);
+      replies.set(r[0]!.h.cookie, r);
+    }
+    cases.forEach((e, i) => {
+      const what = `${commandName(e.type)} at ${e.offset} of ${e.length}`;
+      const r = replies.get(BigInt(i + 1));
+      assert.ok(r, `${what}: no reply`);
+      assert.equal(r.length, 1, `${what}: ${r.length} chunks`);
+      const { h, payload } = r[0]!;
+      assert.equal(h.type, T.NBD_REPLY_TYPE_ERROR, `${what}: chunk type ${h.type}`);
+      assert.equal(h.flags, DONE);
+      assert.equal(h.exactOffset, e.offset, `${what}: offset echoed as ${h.exactOffset}`);
+      assert.equal(decodeErrorPayload(h.type, payload).errno, expectedErrno(e), what);
+    });
+    const flush = replies.get(flushCookie);
+    assert.ok(flush, 'the FLUSH after the edge requests got no reply');
+    assert.equal(flush[0]!.h.type, T.NBD_REPLY_TYPE_NONE);
     c.close();
   });
 });

@@ -13,7 +13,7 @@ import { MemoryDevice } from '../../src/backends/memory.js';
 import { Export } from '../../src/export/index.js';
 import { BASE_ALLOCATION, NBD_CLIENT_FLAG, NBD_CMD, NBD_CMD_FLAG, NBD_OPT } from '../../src/nbd/constants.js';
 import { encodeInfoRequest, encodeMetaContextRequest, encodeOption, encodeRequest } from '../../src/nbd/codec.js';
-import { GatedDevice, connect, expectOk, serveExports, until, type DirectServer, type Mode } from './helpers.js';
+import { GatedDevice, connect, expectOk, readReply, serveExports, until, type DirectServer, type Mode } from './helpers.js';
 
 /** How long one case may take from the client's end-of-stream to the server's close. */
 const CASE_TIMEOUT_MS = 5000;
@@ -159,12 +159,20 @@ function handshakeBytes(mode: Mode, name = 'disk'): Buffer {
 }
 
 const F = NBD_CMD_FLAG;
+/**
+ * u64 values where a number stops being the wire value: the last safe integer, 2^53
+ * (whose successor rounds to it), 2^63, and 2^64 - 1 (which rounds to 2^64, beyond any
+ * u64). Bigints, so they go out with all 64 bits.
+ */
+const U64_EDGES = [2n ** 53n - 1n, 2n ** 53n, 2n ** 63n, 2n ** 64n - 1n] as const;
+const u64Edge = fc.constantFrom(...U64_EDGES);
 // Mostly plausible values, so that most requests pass validation and reach the device;
-// the rest probe the edges (past the end, beyond maxPayload/maxDiscard, beyond 2^32).
+// the rest probe the edges (past the end, beyond maxPayload/maxDiscard, beyond 2^32, 2^53 and 2^64 - 1).
 const offsetArb = fc.oneof(
   { weight: 8, arbitrary: fc.integer({ min: 0, max: DEVICE_SIZE - 1 }) },
   { weight: 1, arbitrary: fc.integer({ min: DEVICE_SIZE - 70_000, max: DEVICE_SIZE + 70_000 }) },
   { weight: 1, arbitrary: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }) },
+  { weight: 1, arbitrary: u64Edge },
 );
 const lengthArb = fc.oneof(
   { weight: 2, arbitrary: fc.constant(0) },
@@ -172,6 +180,7 @@ const lengthArb = fc.oneof(
   { weight: 3, arbitrary: fc.integer({ min: 4097, max: 80_000 }) },
   { weight: 1, arbitrary: fc.integer({ min: 80_001, max: 300_000 }) },
   { weight: 1, arbitrary: u32 },
+  { weight: 1, arbitrary: u64Edge },
 );
 const requestArb = fc
   .record({
@@ -199,19 +208,41 @@ const requestArb = fc
   );
 type FuzzRequest = typeof requestArb extends fc.Arbitrary<infer V> ? V : never;
 
+/** The most payload bytes one fuzzed request carries, so that a case stays small. */
+const MAX_FUZZ_PAYLOAD = 100_000;
+
 /** A request as a client in `mode` would encode it, payload included (capped so a case stays small). */
 function encodeFuzzRequest(mode: Mode, r: FuzzRequest): Buffer {
   const ext = mode === 'extended';
   const payloadLen = r.payloadLen === 'auto' ? r.type === NBD_CMD.NBD_CMD_WRITE : r.payloadLen;
   const flags = ext && payloadLen ? r.flags | F.NBD_CMD_FLAG_PAYLOAD_LEN : r.flags;
-  const length = ext ? r.length : r.length >>> 0;
+  // A compact header has 32 length bits: the low ones of whatever was generated.
+  const length = ext ? r.length : Number(BigInt.asUintN(32, BigInt(r.length)));
   const header = encodeRequest(flags, r.type, r.cookie, r.offset, length, ext);
   const hasPayload = ext ? (flags & F.NBD_CMD_FLAG_PAYLOAD_LEN) !== 0 : r.type === NBD_CMD.NBD_CMD_WRITE;
-  const payload = hasPayload ? Buffer.alloc(Math.min(length, 100_000), 0x33) : Buffer.alloc(0);
+  const payload = hasPayload ? Buffer.alloc(Math.min(Number(length), MAX_FUZZ_PAYLOAD), 0x33) : Buffer.alloc(0);
   return mutate(Buffer.concat([header, payload]), r.m);
 }
 
-const RUNS = { raw: 1000, options: 1500, afterRaw: 1000, requests: 2500 };
+/**
+ * Well-formed extended requests without a payload (so each is framed and must be
+ * answered), their offsets and lengths drawn from the same arbitraries, edges included.
+ */
+const answerableArb = fc.record({
+  type: fc.constantFrom(
+    NBD_CMD.NBD_CMD_READ,
+    NBD_CMD.NBD_CMD_FLUSH,
+    NBD_CMD.NBD_CMD_TRIM,
+    NBD_CMD.NBD_CMD_CACHE,
+    NBD_CMD.NBD_CMD_WRITE_ZEROES,
+    NBD_CMD.NBD_CMD_BLOCK_STATUS,
+  ),
+  flags: fc.constantFrom(0, F.NBD_CMD_FLAG_FUA, F.NBD_CMD_FLAG_DF, F.NBD_CMD_FLAG_REQ_ONE),
+  offset: offsetArb,
+  length: lengthArb,
+});
+
+const RUNS = { raw: 1000, options: 1500, afterRaw: 1000, requests: 2500, answered: 300 };
 
 describe('fuzz', () => {
   test('random bytes from the first byte of the handshake never break the server', async () => {
@@ -254,6 +285,27 @@ describe('fuzz', () => {
     for (const op of ['read', 'write', 'trim', 'zero', 'extents', 'flush'] as const) {
       assert.ok((disk.calls.get(op) ?? 0) >= 50, `${op}: ${disk.calls.get(op) ?? 0} calls reached the device`);
     }
+  });
+
+  test('extended requests at any offset and length, 2^64 - 1 included, are each answered and the connection stays up', async () => {
+    await fc.assert(
+      fc.asyncProperty(fc.array(answerableArb, { minLength: 1, maxLength: 8 }), async (reqs) => {
+        const c = await connect(srv.socket, 'extended', 'disk', true);
+        try {
+          reqs.forEach((r, i) => c.write(encodeRequest(r.flags, r.type, BigInt(i + 1), r.offset, r.length, true)));
+          // A FLUSH after them: answered only if the connection outlived every one of them.
+          const last = BigInt(reqs.length + 1);
+          c.request(0, NBD_CMD.NBD_CMD_FLUSH, last, 0, 0, true);
+          const answered = new Set<bigint>();
+          for (let i = 0; i <= reqs.length; i++) answered.add((await readReply(c))[0]!.h.cookie);
+          assert.equal(answered.size, reqs.length + 1);
+        } finally {
+          c.close();
+        }
+      }),
+      { numRuns: RUNS.answered },
+    );
+    await serverIsHealthy();
   });
 
   test('memory stays bounded over the whole run, and nothing escaped', () => {

@@ -6,8 +6,8 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { BufferPool } from '../../src/io/buffer-pool.js';
 import { EXTENT } from '../../src/device/index.js';
-import { MODE, NBD_REPLY_FLAG, NBD_REPLY_TYPE, type Mode } from '../../src/nbd/constants.js';
-import { decodeReplyHeader, readU64, type RequestHeader } from '../../src/nbd/codec.js';
+import { MODE, NBD_CMD, NBD_REPLY_FLAG, NBD_REPLY_TYPE, type Mode } from '../../src/nbd/constants.js';
+import { decodeExtendedRequest, decodeReplyHeader, encodeRequest, readU64, type RequestHeader } from '../../src/nbd/codec.js';
 import { replyWriter, type ReplyWriter } from '../../src/nbd/replies.js';
 
 const T = NBD_REPLY_TYPE;
@@ -29,7 +29,7 @@ function writer(mode: Mode): { w: ReplyWriter; sent: Sent[]; pool: BufferPool } 
 }
 
 function req(length = LENGTH): RequestHeader {
-  return { magicOk: true, type: 0, flags: 0, cookie: COOKIE, offset: OFFSET, length };
+  return decodeExtendedRequest(encodeRequest(0, NBD_CMD.NBD_CMD_READ, COOKIE, OFFSET, length, true));
 }
 
 /** A read buffer as the runner makes it: header room in front of the data. */

@@ -40,7 +40,8 @@ function ctx(over: Partial<ValidationContext> = {}): ValidationContext {
 }
 
 function req(type: number, flags = 0, offset = 0, length = BLOCK): RequestHeader {
-  return { magicOk: true, type, flags, cookie: 1n, offset, length };
+  // The validator reads only the numbers; the raw halves matter to reply headers alone.
+  return { magicOk: true, type, flags, cookie: 1n, offset, offsetHigh: 0, offsetLow: 0, length };
 }
 
 function code(h: RequestHeader, c: ValidationContext): string | null {
