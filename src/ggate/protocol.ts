@@ -23,6 +23,7 @@
  *   {@link ErrnoDialect} (FreeBSD by default, W7); the numbers themselves live only in
  *   src/errors/errno.ts.
  */
+import { readU64Exact, writeU64Exact } from '../io/wire.js';
 import { isUtf8 } from 'node:buffer';
 import { codeFromFreebsd, codeFromLinux, freebsdErrno, linuxErrno, type ErrnoCode } from '../errors/index.js';
 
@@ -283,29 +284,14 @@ export interface GgateHdr extends GgateHdrInit {
 // ---------------------------------------------------------------------------------
 // Primitives
 
-const TWO_32 = 0x1_0000_0000;
-const U64_MAX = (1n << 64n) - 1n;
 const MAGIC_BYTES = Buffer.from(GGATE_MAGIC, 'latin1');
 
-/** Reads a u64: a number when safe, else the exact bigint. */
-export function readGgateU64(buf: Buffer, off: number): U64 {
-  const hi = buf.readUInt32BE(off);
-  const lo = buf.readUInt32BE(off + 4);
-  // hi < 2^21 means hi * 2^32 + lo <= 2^53 - 1: exact as a number.
-  if (hi < 0x20_0000) return hi * TWO_32 + lo;
-  return (BigInt(hi) << 32n) | BigInt(lo);
-}
+/** Reads a u64: a number when safe, else the exact bigint (the shared helper of src/io/wire.ts). */
+export const readGgateU64: (buf: Buffer, off: number) => U64 = readU64Exact;
 
-/** Writes a u64 from a non-negative safe integer or a bigint in [0, 2^64 - 1]. */
+/** Writes a u64 from a non-negative safe integer or a bigint in [0, 2^64 - 1] (ggate's argument order). */
 export function writeGgateU64(buf: Buffer, off: number, value: U64): void {
-  if (typeof value === 'bigint') {
-    if (value < 0n || value > U64_MAX) throw new RangeError(`u64 out of range: ${value}`);
-    buf.writeBigUInt64BE(value, off);
-    return;
-  }
-  if (!Number.isSafeInteger(value) || value < 0) throw new RangeError(`u64 must be a non-negative safe integer: ${value}`);
-  buf.writeUInt32BE(Math.floor(value / TWO_32), off);
-  buf.writeUInt32BE(value % TWO_32, off + 4);
+  writeU64Exact(buf, value, off);
 }
 
 /** True if `bit` (a single power-of-two flag such as {@link GGATE_FLAG}) is set in a u64 flags value. */

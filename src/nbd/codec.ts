@@ -5,6 +5,7 @@
  * (handshake, rare). Decoders read from a buffer at an offset and return plain objects;
  * they never throw on peer data, they return a `DecodeError` string instead.
  */
+import { readU64, writeU64, writeU64Exact, writeU64Halves } from '../io/wire.js';
 import {
   NBD_INFO,
   NBD_LIMIT,
@@ -21,31 +22,8 @@ export function isDecodeError(x: unknown): x is DecodeError {
   return typeof x === 'object' && x !== null && 'error' in x;
 }
 
-/** 2^32: the weight of a u64's high u32 half. */
-const U32_RANGE = 0x1_0000_0000;
-
-/** Reads a u64 as a number under the safe-integer discipline; above 2^53 - 1 it is not a safe integer. */
-export function readU64(buf: Buffer, off: number): number {
-  return buf.readUInt32BE(off) * U32_RANGE + buf.readUInt32BE(off + 4);
-}
-
-/** Writes a non-negative safe integer as a u64 (server-chosen values only: a peer's u64 is echoed with {@link writeU64Halves}). */
-export function writeU64(buf: Buffer, value: number, off: number): void {
-  buf.writeUInt32BE(Math.floor(value / U32_RANGE), off);
-  buf.writeUInt32BE(value >>> 0, off + 4);
-}
-
-/** Writes a u64 given as the two u32 halves it was read as; any pair of u32 is valid, so this cannot throw. */
-export function writeU64Halves(buf: Buffer, high: number, low: number, off: number): void {
-  buf.writeUInt32BE(high, off);
-  buf.writeUInt32BE(low, off + 4);
-}
-
-/** Writes a u64 a client chose (tests and client side): a bigint carries all 64 bits, a number must be a safe integer. */
-function writeClientU64(buf: Buffer, value: number | bigint, off: number): void {
-  if (typeof value === 'bigint') buf.writeBigUInt64BE(value, off);
-  else writeU64(buf, value, off);
-}
+// The u64 helpers are the ones every protocol shares (src/io/wire.ts); re-exported for the codec's users.
+export { readU64, writeU64, writeU64Halves } from '../io/wire.js';
 
 // ---------------------------------------------------------------------------------
 // Handshake
@@ -331,8 +309,8 @@ export function encodeRequest(
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(type, 6);
   b.writeBigUInt64BE(cookie, 8);
-  writeClientU64(b, offset, 16);
-  if (extended) writeClientU64(b, length, 24);
+  writeU64Exact(b, offset, 16);
+  if (extended) writeU64Exact(b, length, 24);
   else b.writeUInt32BE(Number(length), 24);
   return b;
 }
