@@ -33,6 +33,10 @@
  *   later flush, read and write fails EIO, for good ("the filesystem will not
  *   recover"). Reads check again after the data arrives, since a failed write-back in
  *   the upper store may have left stale data there.
+ *
+ * Over 500 lines on purpose: the block map, the copy-up rules and the two error modes
+ * are one invariant (a block's state and where its bytes are); split, each half would
+ * have to re-derive the other's state.
  */
 import * as fs from 'node:fs';
 import * as os from 'node:os';
