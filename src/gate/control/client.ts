@@ -23,12 +23,12 @@ import {
 } from '../index.js';
 import {
   decodeReply,
-  defaultControlPath,
   encodeRequest,
   type ControlReply,
   type ControlRequestInput,
 } from './protocol.js';
 import { ControlFrameStream } from './frames.js';
+import { defaultControlPath } from './paths.js';
 import type { StatusReport } from './gates.js';
 
 /** A registry argument type with `version` optional (default {@link GATE.VERSION}). */

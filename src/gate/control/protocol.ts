@@ -48,8 +48,6 @@
  * Other ops: an empty body. So the two error channels never mix: a call failure is the
  * header's status; a gate condition is a successful START whose result has `error` set.
  */
-import os from 'node:os';
-import path from 'node:path';
 import { BlockError, codeFromLinux, linuxErrno } from '../../errors/index.js';
 import { BIO_CMD, GATE, type GateCommand, type GateStartResult } from '../index.js';
 
@@ -90,16 +88,9 @@ export const CONTROL = {
   MAX_CALLS_IN_FLIGHT: 4096,
 } as const;
 
-/**
- * The default control socket path: `$XDG_RUNTIME_DIR/blockgate/ctl.sock` when that
- * variable is set (a per-user 0700 directory on systemd hosts), else
- * `<tmpdir>/blockgate-<uid>/ctl.sock` (the server creates the directory with mode 0700).
- */
-export function defaultControlPath(env: NodeJS.ProcessEnv = process.env, uid: number = process.getuid?.() ?? 0): string {
-  const xdg = env.XDG_RUNTIME_DIR;
-  if (xdg !== undefined && xdg !== '' && path.isAbsolute(xdg)) return path.join(xdg, 'blockgate', 'ctl.sock');
-  return path.join(os.tmpdir(), `blockgate-${uid}`, 'ctl.sock');
-}
+// Transitional: src/cli imports defaultControlPath from here; it lives in paths.ts
+// (it reads the environment, which this codec does not). Import it from server.js.
+export { defaultControlPath } from './paths.js';
 
 /**
  * Control ops. The six gate calls keep FreeBSD's ioctl numbers (G_GATE_CMD_CREATE = 0

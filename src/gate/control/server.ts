@@ -1,6 +1,6 @@
 /**
  * The control socket of `blockgate serve` (the /dev/ggctl of blockgate): a unix stream
- * socket carrying the gate calls in the binary protocol of control-protocol.ts.
+ * socket carrying the gate calls in the binary protocol of protocol.ts.
  *
  * Access: the socket file is created with mode 0600 (owner only), in a directory that
  * blockgate creates with mode 0700 when it creates it, and refuses to use if another
@@ -36,13 +36,13 @@ import {
   encodeStartReply,
   type ControlRequest,
   type RequestHeader,
-  defaultControlPath,
 } from './protocol.js';
 import { ControlFrameStream } from './frames.js';
-
-export { defaultControlPath } from './protocol.js';
+import { defaultControlPath } from './paths.js';
 import { GateService } from './gates.js';
 import type { ExportTable } from '../../export/export.js';
+
+export { defaultControlPath } from './paths.js';
 
 /** File mode of the control socket: owner read/write only. */
 export const CONTROL_SOCKET_MODE = 0o600;

@@ -1,7 +1,5 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import os from 'node:os';
-import path from 'node:path';
 import fc from 'fast-check';
 import { BlockError } from '../../../src/errors/index.js';
 import {
@@ -12,7 +10,6 @@ import {
   decodeReplyHeader,
   decodeRequest,
   decodeRequestHeader,
-  defaultControlPath,
   encodeEmptyReply,
   encodeErrorReply,
   encodeJsonReply,
@@ -307,10 +304,4 @@ describe('control protocol: frame decoder', () => {
     assert.deepEqual(got, [1, 2, 3]);
     assert.equal(frames.buffered, 0);
   });
-});
-
-test('defaultControlPath: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else <tmp>/blockgate-<uid>/ctl.sock', () => {
-  assert.equal(defaultControlPath({ XDG_RUNTIME_DIR: '/run/user/1000' }, 1000), '/run/user/1000/blockgate/ctl.sock');
-  assert.equal(defaultControlPath({}, 1000), path.join(os.tmpdir(), 'blockgate-1000', 'ctl.sock'));
-  assert.equal(defaultControlPath({ XDG_RUNTIME_DIR: 'relative' }, 7), path.join(os.tmpdir(), 'blockgate-7', 'ctl.sock'));
 });
