@@ -44,6 +44,7 @@ import { EXTENT, REQ, type BlockDevice, type Capabilities, type Extent } from '.
 import type { LayerDescription, StackContext } from '../device/stack.js';
 import { BlockError, toBlockError } from '../errors/index.js';
 import { closedError, parseSettings, readOnlyError, settingsSchema, sizeSetting } from '../device/index.js';
+import { Deque } from '../io/deque.js';
 
 /**
  * Request flag on the write(), zero() and trim() calls that a writeback filter makes
@@ -164,7 +165,8 @@ export class WritebackFilter extends FilterDevice {
   /** 'keep' policy: the failure that stopped write-back at the head of the queue. */
   #stopped: BlockError | null = null;
   #flushWaiters: FlushWaiter[] = [];
-  #spaceWaiters: SpaceWaiter[] = [];
+  /** Writers waiting for room, FIFO; a ring so waking the oldest is O(1) however many wait. */
+  readonly #spaceWaiters = new Deque<SpaceWaiter>();
   #closed = false;
   #writebacks = 0;
   #failures = 0;
@@ -199,7 +201,7 @@ export class WritebackFilter extends FilterDevice {
   }
   /** Writers waiting for room. */
   get waitingWriters(): number {
-    return this.#spaceWaiters.length;
+    return this.#spaceWaiters.size;
   }
   /** Calls made to the layer below for write-back (after joining). */
   get writebackCount(): number {
@@ -336,7 +338,7 @@ export class WritebackFilter extends FilterDevice {
   override async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    for (const w of this.#spaceWaiters.splice(0)) w.reject(closedError('write', this.description));
+    for (const w of this.#spaceWaiters.drain()) w.reject(closedError('write', this.description));
     await this.#writeOut(this.#nextSeq - 1);
     this.#queue = [];
     this.#head = 0;
@@ -359,12 +361,12 @@ export class WritebackFilter extends FilterDevice {
    * a promise that resolves in FIFO order as write-back frees room.
    */
   #admit(cost: number): Promise<void> | undefined {
-    if (this.#spaceWaiters.length === 0 && this.#fits(cost)) {
+    if (this.#spaceWaiters.size === 0 && this.#fits(cost)) {
       this.#dirty += cost;
       return undefined;
     }
     if (this.#stopped) return Promise.reject(this.#stoppedError());
-    return new Promise<void>((resolve, reject) => this.#spaceWaiters.push({ cost, resolve, reject }));
+    return new Promise<void>((resolve, reject) => this.#spaceWaiters.pushBack({ cost, resolve, reject }));
   }
 
   #fits(cost: number): boolean {
@@ -379,8 +381,8 @@ export class WritebackFilter extends FilterDevice {
   }
 
   #wakeSpaceWaiters(): void {
-    while (this.#spaceWaiters.length > 0 && this.#fits(this.#spaceWaiters[0]!.cost)) {
-      const w = this.#spaceWaiters.shift()!;
+    while (this.#spaceWaiters.size > 0 && this.#fits(this.#spaceWaiters.peekFront()!.cost)) {
+      const w = this.#spaceWaiters.popFront()!;
       this.#dirty += w.cost;
       w.resolve();
     }
@@ -502,7 +504,7 @@ export class WritebackFilter extends FilterDevice {
         e.flags &= ~REQ.FUA;
       }
     }
-    for (const w of this.#spaceWaiters.splice(0)) w.reject(this.#stoppedError());
+    for (const w of this.#spaceWaiters.drain()) w.reject(this.#stoppedError());
   }
 
   /**

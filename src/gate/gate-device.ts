@@ -1,9 +1,9 @@
+import { AssertionError } from 'node:assert';
 import { BlockError } from '../errors/index.js';
 import {
+  MAX_DEVICE_SIZE,
   REQ,
-  checkAlignment,
   formatSize,
-  validateRequest,
   type BlockDevice,
   type BlockSize,
   type Capabilities,
@@ -40,8 +40,15 @@ export const GATE_ZERO_CHUNK = GATE_MAX_IO_SIZE;
  * Made by {@link GateRegistry.open}; `close()` releases the open count that makes an
  * unforced destroy fail EBUSY.
  *
- * Ranges and alignment are checked here, before the queue, so handlers (possibly
- * another process or host) only ever see requests inside the media and sector-aligned.
+ * Requests were validated once, at the protocol edge (validateRequest and
+ * checkAlignment in the NBD session, validateGgateRequest in ggated), so this layer
+ * only asserts what cannot change since: safe integers and sector alignment
+ * (sectorsize is fixed). Access (a read-only gate's EPERM) is gate semantics, not
+ * validation, and stays in GateUnit.submit. A failed assertion is a bug in the caller
+ * (an AssertionError, never a client-facing errno) and the request does not reach the
+ * queue. The range is not asserted against mediasize: a MODIFY may shrink the gate
+ * between the edge's check and here, and such a request goes to the handler as
+ * FreeBSD passes an in-flight bio to ggate after a resize.
  */
 export class GateDevice implements BlockDevice {
   readonly #gate: GateUnit;
@@ -159,9 +166,25 @@ export class GateDevice implements BlockDevice {
 
   #check(op: Operation, offset: number, length: number): void {
     if (this.#closed) throw closedError();
-    validateRequest(this, op, offset, length);
-    checkAlignment(this, op, offset, length);
+    // One pass of integer arithmetic: the checks themselves were made at the edge.
+    const sector = this.#blockSize.minimum;
+    const valid =
+      Number.isSafeInteger(offset) &&
+      Number.isSafeInteger(length) &&
+      offset >= 0 &&
+      length >= 0 &&
+      offset + length <= MAX_DEVICE_SIZE &&
+      offset % sector === 0 &&
+      length % sector === 0;
+    if (!valid) invariantFailed(op, offset, length, sector);
   }
+}
+
+/** A request that skipped the edge's validation reached the gate: a bug, not a client error. */
+function invariantFailed(op: Operation, offset: number, length: number, sector: number): never {
+  throw new AssertionError({
+    message: `gate ${op}: offset ${offset} length ${length} (sector ${sector}) was not validated at the protocol edge`,
+  });
 }
 
 function closedError(): BlockError {

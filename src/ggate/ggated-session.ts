@@ -40,6 +40,7 @@ import {
   type GgateGeometry,
 } from './validate.js';
 import type { ExportSession } from '../export/export.js';
+import { Deque } from '../io/deque.js';
 import type { FrameReader } from '../io/framer.js';
 import type { GgateLease } from './ggated-exports.js';
 
@@ -114,7 +115,8 @@ export class GgateSession implements ExportSession {
   readonly #send: GgateSide;
   readonly #lease: GgateLease;
 
-  readonly #queue: Request[] = [];
+  /** Received requests, front first; a ring so taking the front is O(1) on a deep queue. */
+  readonly #queue = new Deque<Request>();
   #queuedBytes = 0;
   #readPaused = false;
   #pumping = false;
@@ -161,7 +163,7 @@ export class GgateSession implements ExportSession {
 
   /** Requests received and not yet answered (the one on the device included). */
   get queued(): number {
-    return this.#queue.length + (this.#running ? 1 : 0);
+    return this.#queue.size + (this.#running ? 1 : 0);
   }
 
   get closed(): boolean {
@@ -212,11 +214,11 @@ export class GgateSession implements ExportSession {
 
   #enqueue(req: Request): void {
     if (this.#closed) return;
-    this.#queue.push(req);
+    this.#queue.pushBack(req);
     if (req.payload) this.#queuedBytes += req.payload.length;
     this.#expectHeader();
     const l = this.#host.limits;
-    if (this.#queue.length >= l.maxQueuedRequests || this.#queuedBytes >= l.maxQueuedBytes) this.#pauseInput();
+    if (this.#queue.size >= l.maxQueuedRequests || this.#queuedBytes >= l.maxQueuedBytes) this.#pauseInput();
     this.#pump().catch((e: unknown) => {
       // A bug, not the client's doing: drop this client, keep the server.
       this.#log.error({ err: e }, 'serving a request failed');
@@ -234,7 +236,7 @@ export class GgateSession implements ExportSession {
   #maybeResumeInput(): void {
     if (!this.#readPaused || this.#closed) return;
     const l = this.#host.limits;
-    if (this.#queue.length >= l.maxQueuedRequests || this.#queuedBytes >= l.maxQueuedBytes) return;
+    if (this.#queue.size >= l.maxQueuedRequests || this.#queuedBytes >= l.maxQueuedBytes) return;
     this.#readPaused = false;
     if (!this.#recvEnded && !this.#shutdown) this.#recv.socket.resume();
     // Parses what is already queued (also after the client's EOF); it may pause again.
@@ -256,12 +258,12 @@ export class GgateSession implements ExportSession {
     if (this.#pumping) return;
     this.#pumping = true;
     try {
-      while (!this.#closed && this.#queue.length > 0) {
+      while (!this.#closed && this.#queue.size > 0) {
         if (this.#send.socket.writableNeedDrain) {
           await new Promise<void>((resolve) => (this.#drainWaiter = resolve));
           continue;
         }
-        const req = this.#queue.shift()!;
+        const req = this.#queue.popFront()!;
         if (req.payload) this.#queuedBytes -= req.payload.length;
         this.#maybeResumeInput();
         const running = this.#serve(req);
@@ -357,7 +359,7 @@ export class GgateSession implements ExportSession {
 
   #maybeFinish(): void {
     if (this.#closed || (!this.#shutdown && !this.#recvEnded)) return;
-    if (this.#queue.length > 0 || this.#pumping) return;
+    if (this.#queue.size > 0 || this.#pumping) return;
     // After the client's EOF, a paused reader may still hold whole requests to serve; an
     // unpaused one has parsed all it can (what is left is a frame cut short).
     if (!this.#shutdown && this.#readPaused) return;
@@ -374,10 +376,10 @@ export class GgateSession implements ExportSession {
   #abort(why: string): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#log.info({ why, dropped: this.#queue.length }, 'client disconnected');
+    this.#log.info({ why, dropped: this.#queue.size }, 'client disconnected');
     // Requests not yet on the device were never acknowledged: ggatec resends them after
     // reconnecting. Dropping them records nothing (W9).
-    this.#queue.length = 0;
+    this.#queue.clear();
     this.#queuedBytes = 0;
     this.#recv.reader.stop();
     this.#send.reader.stop();

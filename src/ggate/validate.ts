@@ -9,8 +9,9 @@
  * payload, and it does so whatever the verdict (the session must consume or discard
  * `requestPayloadLength(hdr)` bytes after a rejected WRITE).
  */
-import type { ErrnoCode } from '../errors/index.js';
-import { MAX_DEVICE_SIZE } from '../device/types.js';
+import { BlockError, type ErrnoCode } from '../errors/index.js';
+import { MAX_DEVICE_SIZE, type BlockDevice } from '../device/types.js';
+import { checkAlignment, validateRequest } from '../device/validate.js';
 import {
   GGATE,
   GGATE_CMD,
@@ -66,8 +67,11 @@ function safe(value: U64): number | undefined {
  * 4. gh_length above the limit: EINVAL;
  * 5. gh_offset above 2^53 - 1: EINVAL (it cannot be a valid offset of any device here);
  * 6. gh_offset or gh_length not a multiple of the sector size: EINVAL;
- * 7. gh_offset + gh_length past mediasize: ENOSPC for WRITE (as the device layer says for
- *    writes past the end), EINVAL for READ.
+ * 7. gh_offset + gh_length past mediasize: ENOSPC for WRITE, EINVAL for READ.
+ *
+ * Rules 6 and 7 are the device layer's own (checkAlignment, validateRequest), applied
+ * to the ggate geometry (mediasize is the device size rounded down to the sector), so
+ * both frontends refuse the same ranges with the same codes.
  *
  * A zero-length READ or WRITE inside the device is accepted (FreeBSD's checks pass it).
  */
@@ -82,10 +86,30 @@ export function validateGgateRequest(hdr: Pick<GgateHdrInit, 'cmd' | 'offset' | 
   if (length > (geometry.maxLength ?? MAX_REQUEST_LENGTH)) return 'EINVAL';
   const offset = safe(hdr.offset);
   if (offset === undefined) return 'EINVAL';
-  const sector = geometry.sectorsize;
-  if (offset % sector !== 0 || length % sector !== 0) return 'EINVAL';
-  if (offset + length > geometry.mediasize) return cmd === GGATE_CMD.GGATE_CMD_WRITE ? 'ENOSPC' : 'EINVAL';
+  const op = cmd === GGATE_CMD.GGATE_CMD_WRITE ? 'write' : 'read';
+  const dev = geometryAsDevice(geometry);
+  try {
+    checkAlignment(dev, op, offset, length);
+    validateRequest(dev, op, offset, length);
+  } catch (e) {
+    if (e instanceof BlockError) return e.code;
+    throw e;
+  }
   return null;
+}
+
+/**
+ * The ggate geometry seen as the device the range rules check. device/validate takes a
+ * BlockDevice but reads only size, capabilities.write and blockSize.minimum; access was
+ * enforced above, so write capability is granted here and never decides the verdict.
+ */
+function geometryAsDevice(g: GgateGeometry): BlockDevice {
+  const view: Pick<BlockDevice, 'size'> & { capabilities: Pick<BlockDevice['capabilities'], 'write'>; blockSize: Pick<BlockDevice['blockSize'], 'minimum'> } = {
+    size: g.mediasize,
+    capabilities: { write: true },
+    blockSize: { minimum: g.sectorsize },
+  };
+  return view as BlockDevice;
 }
 
 /** Why a version packet is refused; the server then closes without a reply (as ggated does). */

@@ -47,6 +47,13 @@ export class Deque<T> {
     return out;
   }
 
+  /** Removes every item without returning them (no array is built). */
+  clear(): void {
+    this.#buf = new Array<T | undefined>(16);
+    this.#head = 0;
+    this.#size = 0;
+  }
+
   /** Keeps only the items for which `keep` is true, in order; returns the removed ones. */
   filter(keep: (item: T) => boolean): T[] {
     const removed: T[] = [];

@@ -16,6 +16,8 @@
  * its cap first; skipped bytes are never stored.
  */
 
+import { Deque } from './deque.js';
+
 /** What the reader is waiting for. */
 const MODE = {
   /** Nothing: bytes are queued until the consumer sets an expectation. */
@@ -42,9 +44,11 @@ export class FrameReader {
   #paused = false;
   #running = false;
 
-  /** Queued chunks; the first is consumed from #headPos. */
-  #queue: Buffer[] = [];
+  /** Queued chunks; the first is consumed from #headPos. A ring: a chunk is taken off the front per chunk consumed. */
+  readonly #queue = new Deque<Buffer>();
   #headPos = 0;
+  /** Bytes in #queue not yet consumed, kept as a running sum so {@link buffered} is O(1). */
+  #bufferedBytes = 0;
 
   #need = 0;
   #fill = 0;
@@ -61,9 +65,7 @@ export class FrameReader {
 
   /** Bytes received and not yet consumed. */
   get buffered(): number {
-    let n = 0;
-    for (const c of this.#queue) n += c.length;
-    return n - this.#headPos;
+    return this.#bufferedBytes;
   }
 
   /** True once {@link stop} was called. */
@@ -80,7 +82,8 @@ export class FrameReader {
   push(chunk: Buffer): void {
     if (this.#mode === MODE.STOPPED || chunk.length === 0) return;
     if (this.#mode === MODE.DISCARD) return;
-    this.#queue.push(chunk);
+    this.#queue.pushBack(chunk);
+    this.#bufferedBytes += chunk.length;
     this.#run();
   }
 
@@ -158,8 +161,9 @@ export class FrameReader {
   }
 
   #clear(): void {
-    this.#queue = [];
+    this.#queue.clear();
     this.#headPos = 0;
+    this.#bufferedBytes = 0;
     this.#body = null;
     this.#onFixed = null;
     this.#onBody = null;
@@ -171,19 +175,21 @@ export class FrameReader {
     if (this.#running) return;
     this.#running = true;
     try {
-      while (!this.#paused && this.#queue.length > 0) {
+      while (!this.#paused && this.#queue.size > 0) {
         const mode = this.#mode;
         if (mode === MODE.NONE || mode === MODE.STOPPED) break;
-        const chunk = this.#queue[0]!;
+        const chunk = this.#queue.peekFront()!;
         if (mode === MODE.DISCARD) {
           this.#clear();
           break;
         }
-        const pos = this.#step(chunk, this.#headPos);
+        const start = this.#headPos;
+        const pos = this.#step(chunk, start);
         // A callback that stopped or discarded has emptied the queue.
-        if (this.#queue[0] !== chunk) break;
+        if (this.#queue.peekFront() !== chunk) break;
+        this.#bufferedBytes -= Math.min(pos, chunk.length) - start;
         if (pos >= chunk.length) {
-          this.#queue.shift();
+          this.#queue.popFront();
           this.#headPos = 0;
         } else {
           this.#headPos = pos;

@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BlockError } from '../../src/errors/index.js';
+import { validateRequest } from '../../src/device/index.js';
 import { GATE, GATE_FLAG, GateRegistry, ManualClock, type GateStartRequest } from '../../src/gate/index.js';
 import { GateUnit, type GateStartResult } from '../../src/gate/gate-unit.js';
 import { V, failedWith, rejectsWith, setup, track, turns, until } from './helpers.js';
@@ -688,8 +689,9 @@ test('modify resizes the gate (the device size follows) and replaces info; bad s
   await rejectsWith(reg.modify({ version: V, unit, mediasize: 0 }), 'EINVAL');
   await rejectsWith(reg.modify({ version: V, unit, info: 'x'.repeat(GATE.INFO_SIZE) }), 'EINVAL');
   assert.equal(dev.size, 2 << 20);
-  // A request past the new end is refused before the queue; inside it is admitted.
-  await rejectsWith(dev.write(Buffer.alloc(512), 2 << 20, 0), 'ENOSPC');
+  // The protocol edge validates against the new size: past the new end is refused there
+  // (the device itself does not re-check); inside it is admitted.
+  assert.throws(() => validateRequest(dev, 'write', 2 << 20, 512), (e: unknown) => e instanceof BlockError && e.code === 'ENOSPC');
   const w = track(dev.write(Buffer.alloc(512), (2 << 20) - 512, 0));
   const r = req(await reg.start({ version: V, unit, length: 512 }));
   await reg.done({ version: V, unit, seq: r.seq });

@@ -1,6 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { BlockError } from '../../src/errors/index.js';
+import { checkAlignment, validateRequest, type BlockDevice } from '../../src/device/index.js';
 import { decodeCinit, encodeCinit, GGATE_CMD, GGATE_FLAG, type GgateCinit } from '../../src/ggate/protocol.js';
 import {
   cinitDirection,
@@ -93,6 +95,36 @@ test('W4 property: an accepted READ or WRITE lies inside the device, aligned and
       assert.equal(length % g.sectorsize, 0);
       assert.ok(length <= MAX_REQUEST_LENGTH);
     }),
+  );
+});
+
+test('W4 property: ggated refuses a READ or WRITE range with the code the device layer gives an NBD client for it', () => {
+  // The NBD edge runs validateRequest then checkAlignment; ggate checks alignment first, so
+  // the property compares aligned requests (where the order cannot matter) and misaligned
+  // ones separately (both EINVAL).
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 1, max: 4096 }).map((n) => n * 512),
+      fc.constantFrom(READ, WRITE),
+      fc.integer({ min: 0, max: 5000 }),
+      fc.integer({ min: 0, max: 2048 }),
+      (mediasize, cmd, offsetSectors, lengthSectors) => {
+        const g: GgateGeometry = { mediasize, sectorsize: 512, access: 'rw', maxLength: Number.MAX_SAFE_INTEGER };
+        const dev = { size: mediasize, capabilities: { write: true }, blockSize: { minimum: 512 } } as BlockDevice;
+        const op = cmd === WRITE ? 'write' : 'read';
+        const offset = offsetSectors * 512;
+        const length = lengthSectors * 512;
+        let want: string | null = null;
+        try {
+          validateRequest(dev, op, offset, length);
+          checkAlignment(dev, op, offset, length);
+        } catch (e) {
+          want = (e as BlockError).code;
+        }
+        assert.equal(validateGgateRequest({ cmd, offset, length }, g), want);
+        assert.equal(validateGgateRequest({ cmd, offset: offset + 1, length }, g), 'EINVAL');
+      },
+    ),
   );
 });
 

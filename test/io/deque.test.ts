@@ -49,3 +49,14 @@ test('Deque behaves like an array used as a double-ended queue (property)', () =
     }),
   );
 });
+
+test('Deque.clear empties it and it keeps working afterwards', () => {
+  const d = new Deque<number>();
+  for (let i = 0; i < 40; i++) d.pushBack(i);
+  d.clear();
+  assert.equal(d.size, 0);
+  assert.equal(d.popFront(), undefined);
+  d.pushFront(1);
+  d.pushBack(2);
+  assert.deepEqual([...d], [1, 2]);
+});

@@ -22,13 +22,13 @@ import {
   type GateStartResult,
 } from '../index.js';
 import {
-  FrameDecoder,
   decodeReply,
-  defaultControlPath,
   encodeRequest,
   type ControlReply,
   type ControlRequestInput,
 } from './protocol.js';
+import { ControlFrameStream } from './frames.js';
+import { defaultControlPath } from './paths.js';
 import type { StatusReport } from './gates.js';
 
 /** A registry argument type with `version` optional (default {@link GATE.VERSION}). */
@@ -49,7 +49,10 @@ export class ControlClient {
   /** The socket path this client is connected to. */
   readonly path: string;
   readonly #socket: net.Socket;
-  readonly #decoder = FrameDecoder.replies();
+  readonly #frames = ControlFrameStream.replies(
+    (h, body) => this.#onReply(decodeReply(h, body)),
+    (e) => this.#onBadReply(e),
+  );
   readonly #calls = new Map<number, PendingCall>();
   #nextId = 1;
   #closed = false;
@@ -214,28 +217,20 @@ export class ControlClient {
   }
 
   #onData(chunk: Buffer): void {
-    let frames;
-    try {
-      frames = this.#decoder.push(chunk);
-    } catch (e) {
-      this.#closeReason ??= new BlockError('EIO', `bad reply from the control server: ${(e as Error).message}`, { cause: e });
-      this.#socket.destroy();
-      return;
-    }
-    for (const f of frames) {
-      let reply: ControlReply;
-      try {
-        reply = decodeReply(f.header, f.body);
-      } catch (e) {
-        this.#closeReason ??= new BlockError('EIO', `bad reply from the control server: ${(e as Error).message}`, { cause: e });
-        this.#socket.destroy();
-        return;
-      }
-      const call = this.#calls.get(reply.callId);
-      if (call === undefined) continue; // a reply to a call we gave up on (none today); harmless
-      this.#calls.delete(reply.callId);
-      call.resolve(reply);
-    }
+    // Replies are decoded and delivered synchronously; a bad one calls #onBadReply.
+    this.#frames.push(chunk);
+  }
+
+  #onReply(reply: ControlReply): void {
+    const call = this.#calls.get(reply.callId);
+    if (call === undefined) return; // a reply to a call we gave up on (none today); harmless
+    this.#calls.delete(reply.callId);
+    call.resolve(reply);
+  }
+
+  #onBadReply(e: unknown): void {
+    this.#closeReason ??= new BlockError('EIO', `bad reply from the control server: ${(e as Error).message}`, { cause: e });
+    this.#socket.destroy();
   }
 
   #onClose(): void {

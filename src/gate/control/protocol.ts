@@ -1,8 +1,8 @@
 /**
  * The control-socket protocol of `blockgate serve` (the /dev/ggctl of blockgate): the
  * GEOM Gate calls CREATE, MODIFY, DESTROY, CANCEL, START and DONE, plus LIST, STATUS and
- * ABORT, as binary frames on a unix stream socket. Pure codec: byte layouts and a frame
- * accumulator, no I/O.
+ * ABORT, as binary frames on a unix stream socket. Pure codec: byte layouts, no I/O
+ * (frames are cut from the stream by frames.ts, on the io FrameReader).
  *
  * Every integer is big-endian. 64-bit fields carry safe integers (<= 2^53 - 1); larger
  * values are a framing error. Errno values are Linux numbers of the one errno table
@@ -48,8 +48,6 @@
  * Other ops: an empty body. So the two error channels never mix: a call failure is the
  * header's status; a gate condition is a successful START whose result has `error` set.
  */
-import os from 'node:os';
-import path from 'node:path';
 import { BlockError, codeFromLinux, linuxErrno } from '../../errors/index.js';
 import { BIO_CMD, GATE, type GateCommand, type GateStartResult } from '../index.js';
 
@@ -90,16 +88,9 @@ export const CONTROL = {
   MAX_CALLS_IN_FLIGHT: 4096,
 } as const;
 
-/**
- * The default control socket path: `$XDG_RUNTIME_DIR/blockgate/ctl.sock` when that
- * variable is set (a per-user 0700 directory on systemd hosts), else
- * `<tmpdir>/blockgate-<uid>/ctl.sock` (the server creates the directory with mode 0700).
- */
-export function defaultControlPath(env: NodeJS.ProcessEnv = process.env, uid: number = process.getuid?.() ?? 0): string {
-  const xdg = env.XDG_RUNTIME_DIR;
-  if (xdg !== undefined && xdg !== '' && path.isAbsolute(xdg)) return path.join(xdg, 'blockgate', 'ctl.sock');
-  return path.join(os.tmpdir(), `blockgate-${uid}`, 'ctl.sock');
-}
+// Transitional: src/cli imports defaultControlPath from here; it lives in paths.ts
+// (it reads the environment, which this codec does not). Import it from server.js.
+export { defaultControlPath } from './paths.js';
 
 /**
  * Control ops. The six gate calls keep FreeBSD's ioctl numbers (G_GATE_CMD_CREATE = 0
@@ -587,100 +578,5 @@ export function decodeReply(h: ReplyHeader, body: Buffer): ControlReply {
     default:
       if (body.length !== 0) throw new ControlFrameError(`${controlOpName(h.op)} reply carries ${body.length} unexpected bytes`);
       return { ...base, kind: 'empty' };
-  }
-}
-
-// ---------------------------------------------------------------------------------
-// Frame accumulator
-
-/** One complete frame: its header and body (a view of at most one copy of the input). */
-export interface Frame<H> {
-  readonly header: H;
-  readonly body: Buffer;
-}
-
-/**
- * Cuts a byte stream into frames. Chunks may split frames anywhere; a body is copied
- * once (or not at all when one chunk holds it). Header errors (bad magic, a body over
- * its limit) are thrown as ControlFrameError before any body byte is buffered, so a
- * peer cannot make us hold more than one maximum-size frame.
- */
-export class FrameDecoder<H extends { readonly bodyLength: number }> {
-  readonly #headerSize: number;
-  readonly #decodeHeader: (b: Buffer, at: number) => H;
-  #pending: Buffer[] = [];
-  #pendingBytes = 0;
-  #header: H | undefined;
-  #failed = false;
-
-  constructor(headerSize: number, decodeHeader: (b: Buffer, at: number) => H) {
-    this.#headerSize = headerSize;
-    this.#decodeHeader = decodeHeader;
-  }
-
-  static requests(): FrameDecoder<RequestHeader> {
-    return new FrameDecoder(CONTROL.REQUEST_HEADER_SIZE, decodeRequestHeader);
-  }
-
-  static replies(): FrameDecoder<ReplyHeader> {
-    return new FrameDecoder(CONTROL.REPLY_HEADER_SIZE, decodeReplyHeader);
-  }
-
-  /** Bytes held for an incomplete frame. */
-  get buffered(): number {
-    return this.#pendingBytes;
-  }
-
-  /** Adds a chunk; returns the frames it completed. After a throw the decoder stays failed. */
-  push(chunk: Buffer): Frame<H>[] {
-    if (this.#failed) throw new ControlFrameError('decoder already failed');
-    try {
-      return this.#push(chunk);
-    } catch (e) {
-      this.#failed = true;
-      this.#pending = [];
-      this.#pendingBytes = 0;
-      throw e;
-    }
-  }
-
-  #push(chunk: Buffer): Frame<H>[] {
-    const out: Frame<H>[] = [];
-    let buf = chunk;
-    if (this.#pendingBytes > 0) {
-      this.#pending.push(chunk);
-      this.#pendingBytes += chunk.length;
-      const need = this.#header === undefined ? this.#headerSize : this.#headerSize + this.#header.bodyLength;
-      if (this.#pendingBytes < need) {
-        // Decode the header as soon as it is complete, to check limits before buffering the body.
-        if (this.#header === undefined && this.#pendingBytes >= this.#headerSize) {
-          this.#pending = [Buffer.concat(this.#pending)];
-          this.#header = this.#decodeHeader(this.#pending[0]!, 0);
-        }
-        return out;
-      }
-      buf = Buffer.concat(this.#pending, this.#pendingBytes);
-      this.#pending = [];
-      this.#pendingBytes = 0;
-      this.#header = undefined;
-    }
-    let pos = 0;
-    while (buf.length - pos >= this.#headerSize) {
-      const header = this.#decodeHeader(buf, pos);
-      const end = pos + this.#headerSize + header.bodyLength;
-      if (end > buf.length) {
-        this.#header = header;
-        break;
-      }
-      out.push({ header, body: buf.subarray(pos + this.#headerSize, end) });
-      pos = end;
-    }
-    if (pos < buf.length) {
-      // Keep the rest; copy it so a large chunk is not pinned by a small tail.
-      const rest = Buffer.from(buf.subarray(pos));
-      this.#pending = [rest];
-      this.#pendingBytes = rest.length;
-    }
-    return out;
   }
 }

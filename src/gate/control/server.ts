@@ -1,6 +1,6 @@
 /**
  * The control socket of `blockgate serve` (the /dev/ggctl of blockgate): a unix stream
- * socket carrying the gate calls in the binary protocol of control-protocol.ts.
+ * socket carrying the gate calls in the binary protocol of protocol.ts.
  *
  * Access: the socket file is created with mode 0600 (owner only), in a directory that
  * blockgate creates with mode 0700 when it creates it, and refuses to use if another
@@ -29,7 +29,6 @@ import { GATE, GateRegistry, type GateStartResult } from '../index.js';
 import {
   CONTROL,
   ControlFrameError,
-  FrameDecoder,
   controlOpName,
   decodeRequest,
   encodeEmptyReply,
@@ -37,14 +36,14 @@ import {
   encodeJsonReply,
   encodeStartReply,
   type ControlRequest,
-  type Frame,
   type RequestHeader,
-  defaultControlPath,
 } from './protocol.js';
-
-export { defaultControlPath } from './protocol.js';
+import { ControlFrameStream } from './frames.js';
+import { defaultControlPath } from './paths.js';
 import { GateService } from './gates.js';
 import type { ExportTable } from '../../export/export.js';
+
+export { defaultControlPath } from './paths.js';
 
 /** File mode of the control socket: owner read/write only. */
 export const CONTROL_SOCKET_MODE = 0o600;
@@ -191,20 +190,22 @@ class ControlConnection {
   readonly #socket: net.Socket;
   readonly #server: ControlServer;
   readonly #log: Logger;
-  readonly #decoder = FrameDecoder.requests();
+  /** Frames off the socket; paused (with the socket) while this connection is over its limits. */
+  readonly #frames: ControlFrameStream<RequestHeader>;
   readonly #calls = new Map<number, Call>();
   readonly #onClosed: () => void;
   #closed = false;
   #paused = false;
-  /** Frames decoded and not yet run (see #drain), from index #backlogAt on. */
-  #backlog: Frame<RequestHeader>[] = [];
-  #backlogAt = 0;
 
   constructor(socket: net.Socket, server: ControlServer, onClosed: () => void) {
     this.#socket = socket;
     this.#server = server;
     this.#onClosed = onClosed;
     this.#log = server.logger.child({ control: true });
+    this.#frames = ControlFrameStream.requests(
+      (h, body) => this.#onFrame(h, body),
+      (e) => this.#fatal(e),
+    );
     socket.on('data', (chunk: Buffer) => this.#onData(chunk));
     socket.on('drain', () => this.#maybeResume());
     socket.on('error', (err) => this.#log.debug({ err }, 'control socket error'));
@@ -223,47 +224,8 @@ class ControlConnection {
 
   #onData(chunk: Buffer): void {
     if (this.#closed) return;
-    let frames;
-    try {
-      frames = this.#decoder.push(chunk);
-    } catch (e) {
-      this.#fatal(e);
-      return;
-    }
-    if (frames.length === 0) return;
-    if (this.#backlogAt === this.#backlog.length) {
-      this.#backlog = frames;
-      this.#backlogAt = 0;
-    } else {
-      this.#backlog = [...this.#backlog.slice(this.#backlogAt), ...frames];
-      this.#backlogAt = 0;
-    }
-    this.#drain();
-  }
-
-  /**
-   * Runs decoded frames until none is left or the connection has MAX_CALLS_IN_FLIGHT
-   * calls in flight; the rest wait (with the socket paused) until calls finish. The
-   * backlog holds at most the frames of one socket chunk. While paused, a peer that
-   * hangs up is noticed only when a reply is written or the pause ends; handlers built
-   * with serveGate stay far below the limit (MAX_GATE_CONCURRENCY).
-   */
-  #drain(): void {
-    while (this.#backlogAt < this.#backlog.length && !this.#closed) {
-      if (this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT) break;
-      const f = this.#backlog[this.#backlogAt++]!;
-      try {
-        this.#onFrame(f.header, f.body);
-      } catch (e) {
-        this.#fatal(e);
-        return;
-      }
-    }
-    if (this.#backlogAt === this.#backlog.length) {
-      this.#backlog = [];
-      this.#backlogAt = 0;
-    }
-    this.#maybePause();
+    // Frames run synchronously from here; one that breaks the layout calls #fatal.
+    this.#frames.push(chunk);
   }
 
   #fatal(e: unknown): void {
@@ -272,7 +234,19 @@ class ControlConnection {
     this.#socket.destroy();
   }
 
+  /**
+   * Runs one call. At MAX_CALLS_IN_FLIGHT calls in flight the frame stream and the
+   * socket pause (#maybePause), so later frames, even of the same chunk, wait until
+   * calls finish. While paused, a peer that hangs up is noticed only when a reply is
+   * written or the pause ends; handlers built with serveGate stay far below the limit
+   * (MAX_GATE_CONCURRENCY).
+   */
   #onFrame(h: RequestHeader, body: Buffer): void {
+    this.#dispatch(h, body);
+    this.#maybePause();
+  }
+
+  #dispatch(h: RequestHeader, body: Buffer): void {
     if (this.#calls.has(h.callId)) {
       throw new ControlFrameError(`call id ${h.callId} is already in flight`);
     }
@@ -391,9 +365,9 @@ class ControlConnection {
   /** Stops reading while too many calls are in flight or the peer is not reading replies. */
   #maybePause(): void {
     if (this.#paused || this.#closed) return;
-    const backlog = this.#backlogAt < this.#backlog.length;
-    if (backlog || this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT || this.#socket.writableNeedDrain) {
+    if (this.#calls.size >= CONTROL.MAX_CALLS_IN_FLIGHT || this.#socket.writableNeedDrain) {
       this.#paused = true;
+      this.#frames.pause();
       this.#socket.pause();
     }
   }
@@ -402,7 +376,8 @@ class ControlConnection {
     if (!this.#paused || this.#closed) return;
     if (this.#calls.size < CONTROL.MAX_CALLS_IN_FLIGHT && !this.#socket.writableNeedDrain) {
       this.#paused = false;
-      this.#drain();
+      // Runs the frames queued meanwhile; they may pause the connection again.
+      this.#frames.resume();
       if (!this.#paused) this.#socket.resume();
     }
   }
@@ -410,6 +385,8 @@ class ControlConnection {
   #onClose(): void {
     if (this.#closed) return;
     this.#closed = true;
+    // Frames queued while paused are never run.
+    this.#frames.stop();
     // Interrupt the STARTs still waiting: they take nothing more. Requests already
     // taken stay in flight on their gates (FreeBSD semantics); nothing else is failed.
     let interrupted = 0;

@@ -1,26 +1,24 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import os from 'node:os';
-import path from 'node:path';
 import fc from 'fast-check';
 import { BlockError } from '../../../src/errors/index.js';
 import {
   CONTROL,
   CONTROL_OP,
   ControlFrameError,
-  FrameDecoder,
   decodeReply,
   decodeReplyHeader,
   decodeRequest,
   decodeRequestHeader,
-  defaultControlPath,
   encodeEmptyReply,
   encodeErrorReply,
   encodeJsonReply,
   encodeRequest,
   encodeStartReply,
   type ControlRequestInput,
+  type RequestHeader,
 } from '../../../src/gate/control/protocol.js';
+import { ControlFrameStream } from '../../../src/gate/control/frames.js';
 
 const hex = (chunks: Buffer[]): string => Buffer.concat(chunks).toString('hex');
 
@@ -215,15 +213,18 @@ describe('control protocol: frame decoder', () => {
     fc.assert(
       fc.property(fc.array(arbRequest, { minLength: 1, maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 97 }), { minLength: 1 }), (reqs, cuts) => {
         const stream = Buffer.concat(reqs.flatMap((r, i) => encodeRequest({ ...r, callId: i + 1 })));
-        const decoder = FrameDecoder.requests();
-        const got = [];
+        const got: ReturnType<typeof decodeRequest>[] = [];
+        const frames = ControlFrameStream.requests(
+          (h, body) => got.push(decodeRequest(h, body)),
+          (e) => assert.fail(e as Error),
+        );
         let pos = 0;
         for (let i = 0; pos < stream.length; i++) {
           const n = cuts[i % cuts.length]!;
-          for (const f of decoder.push(stream.subarray(pos, pos + n))) got.push(decodeRequest(f.header, f.body));
+          frames.push(stream.subarray(pos, pos + n));
           pos += n;
         }
-        assert.equal(decoder.buffered, 0);
+        assert.equal(frames.buffered, 0);
         assert.equal(got.length, reqs.length);
         got.forEach((g, i) => {
           assert.equal(g.callId, i + 1);
@@ -240,21 +241,67 @@ describe('control protocol: frame decoder', () => {
     );
   });
 
-  test('an oversized header is refused before its body is buffered, and the decoder stays failed', () => {
-    const d = FrameDecoder.requests();
+  test('an oversized header is refused before its body is buffered, and the stream stays stopped', () => {
     const h = Buffer.from('62674331000300040000000100100000', 'hex');
-    assert.throws(() => d.push(Buffer.concat([h, Buffer.alloc(100)])), /exceeds 8/);
-    assert.equal(d.buffered, 0);
-    const d2 = FrameDecoder.requests();
-    assert.deepEqual(d2.push(h.subarray(0, 10)), []);
-    assert.throws(() => d2.push(h.subarray(10)), ControlFrameError);
-    assert.equal(d2.buffered, 0);
-    assert.throws(() => d2.push(Buffer.alloc(1)), /already failed/);
+    const open = (): { frames: ControlFrameStream<RequestHeader>; errors: unknown[]; got: { n: number } } => {
+      const errors: unknown[] = [];
+      const got = { n: 0 };
+      const frames = ControlFrameStream.requests(
+        () => got.n++,
+        (e) => errors.push(e),
+      );
+      return { frames, errors, got };
+    };
+    const a = open();
+    a.frames.push(Buffer.concat([h, Buffer.alloc(100)]));
+    assert.equal(a.errors.length, 1);
+    assert.match((a.errors[0] as Error).message, /exceeds 8/);
+    assert.equal(a.frames.buffered, 0);
+    // A header split across chunks is refused as soon as it is whole.
+    const b = open();
+    b.frames.push(h.subarray(0, 10));
+    assert.equal(b.errors.length, 0);
+    b.frames.push(h.subarray(10));
+    assert.ok(b.errors[0] instanceof ControlFrameError);
+    assert.equal(b.frames.buffered, 0);
+    assert.equal(b.frames.stopped, true);
+    b.frames.push(Buffer.alloc(1));
+    assert.equal(b.errors.length, 1, 'nothing more is parsed or reported');
+    assert.equal(b.got.n, 0);
   });
-});
 
-test('defaultControlPath: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else <tmp>/blockgate-<uid>/ctl.sock', () => {
-  assert.equal(defaultControlPath({ XDG_RUNTIME_DIR: '/run/user/1000' }, 1000), '/run/user/1000/blockgate/ctl.sock');
-  assert.equal(defaultControlPath({}, 1000), path.join(os.tmpdir(), 'blockgate-1000', 'ctl.sock'));
-  assert.equal(defaultControlPath({ XDG_RUNTIME_DIR: 'relative' }, 7), path.join(os.tmpdir(), 'blockgate-7', 'ctl.sock'));
+  test('a frame whose handler throws stops the stream and reports the error once', () => {
+    const stream = Buffer.concat([...encodeRequest({ op: 'list', version: 3, callId: 1 }), ...encodeRequest({ op: 'list', version: 3, callId: 2 })]);
+    const errors: unknown[] = [];
+    let got = 0;
+    const frames = ControlFrameStream.requests(
+      () => {
+        got++;
+        throw new ControlFrameError('no');
+      },
+      (e) => errors.push(e),
+    );
+    frames.push(stream);
+    assert.equal(got, 1);
+    assert.equal(errors.length, 1);
+    assert.equal(frames.stopped, true);
+  });
+
+  test('a paused stream queues frames and delivers them on resume', () => {
+    const stream = Buffer.concat([1, 2, 3].flatMap((callId) => encodeRequest({ op: 'list', version: 3, callId })));
+    const got: number[] = [];
+    const frames = ControlFrameStream.requests(
+      (h) => {
+        got.push(h.callId);
+        if (h.callId === 1) frames.pause();
+      },
+      (e) => assert.fail(e as Error),
+    );
+    frames.push(stream);
+    assert.deepEqual(got, [1]);
+    assert.ok(frames.buffered > 0);
+    frames.resume();
+    assert.deepEqual(got, [1, 2, 3]);
+    assert.equal(frames.buffered, 0);
+  });
 });
