@@ -14,7 +14,7 @@ import { formatSize } from '../device/index.js';
 import { GATE, GATE_FLAG, type GateInfo } from '../gate/index.js';
 import type { GgateAccess } from '../ggate/index.js';
 import { connectControl, type ControlClient } from '../gate/control/client.js';
-import { defaultControlPath } from '../gate/control/protocol.js';
+import { defaultControlPath } from '../gate/control/server.js';
 
 /** FreeBSD's largest unit number (an int in struct g_gate_ctl_create). */
 const MAX_UNIT = 0x7fff_ffff;

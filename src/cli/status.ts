@@ -12,7 +12,7 @@ import { Command } from 'commander';
 import { toBlockError } from '../errors/index.js';
 import { formatSize } from '../device/index.js';
 import { connectControl } from '../gate/control/client.js';
-import { defaultControlPath } from '../gate/control/protocol.js';
+import { defaultControlPath } from '../gate/control/server.js';
 import type { ExportStatus, StatusReport } from '../gate/control/gates.js';
 import { formatGateVerbose } from './ggatel.js';
 

@@ -22,9 +22,10 @@
  * every other client of the path hears of it once, at its own next FLUSH. A transport
  * failure (a client vanishing, a short frame) is never recorded (W9).
  */
+import { flushExport } from '../export/flush.js';
 import type { Socket } from 'node:net';
 import type { Logger } from 'pino';
-import { toBlockError, codeFromLinux, type ErrnoCode } from '../errors/index.js';
+import { toBlockError, type ErrnoCode } from '../errors/index.js';
 import {
   GGATE_CMD,
   GGATE_SIZE,
@@ -323,23 +324,9 @@ export class GgateSession implements ExportSession {
    */
   async #flush(hdr: GgateHdr): Promise<Buffer> {
     const exp = this.#lease.export;
-    let backend: ErrnoCode | null = null;
-    let message = '';
-    try {
-      await exp.device.flush(0);
-    } catch (e) {
-      const be = toBlockError(e);
-      backend = be.code;
-      message = be.message;
-      exp.errseq.set(be.errno);
-    }
-    const { error, cursor } = exp.errseq.checkAndAdvance(this.cursor);
-    this.cursor = cursor;
-    if (backend !== null) return this.#errorReply(hdr, backend, `flush failed: ${message}`);
-    if (error !== 0) {
-      const code = codeFromLinux(error) ?? 'EIO';
-      return this.#errorReply(hdr, code, 'a write-back error happened since this client last flushed');
-    }
+    const r = await flushExport(exp, exp.device, this.cursor);
+    this.cursor = r.cursor;
+    if (r.error) return this.#errorReply(hdr, r.error.code, r.error.message);
     return encodeHdr(replyTo(hdr, null));
   }
 

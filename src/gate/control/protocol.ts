@@ -48,6 +48,7 @@
  * Other ops: an empty body. So the two error channels never mix: a call failure is the
  * header's status; a gate condition is a successful START whose result has `error` set.
  */
+import { readU64Exact, writeU64Exact } from '../../io/wire.js';
 import { BlockError, codeFromLinux, linuxErrno } from '../../errors/index.js';
 import { BIO_CMD, GATE, type GateCommand, type GateStartResult } from '../index.js';
 
@@ -87,10 +88,6 @@ export const CONTROL = {
    */
   MAX_CALLS_IN_FLIGHT: 4096,
 } as const;
-
-// Transitional: src/cli imports defaultControlPath from here; it lives in paths.ts
-// (it reads the environment, which this codec does not). Import it from server.js.
-export { defaultControlPath } from './paths.js';
 
 /**
  * Control ops. The six gate calls keep FreeBSD's ioctl numbers (G_GATE_CMD_CREATE = 0
@@ -194,17 +191,15 @@ function decodeJson(b: Buffer, what: string): unknown {
   }
 }
 
+/** A u64 field that must be a safe integer (sizes, offsets): larger is a malformed frame. */
 function readU64(b: Buffer, at: number, what: string): number {
-  const hi = b.readUInt32BE(at);
-  const lo = b.readUInt32BE(at + 4);
-  if (hi > 0x1f_ffff) throw new ControlFrameError(`${what} is larger than 2^53 - 1`);
-  return hi * 0x1_0000_0000 + lo;
+  const v = readU64Exact(b, at);
+  if (typeof v === 'bigint') throw new ControlFrameError(`${what} is larger than 2^53 - 1`);
+  return v;
 }
 
 function writeU64(b: Buffer, at: number, v: number): void {
-  if (!Number.isSafeInteger(v) || v < 0) throw new RangeError(`u64 field: ${v} is not a safe non-negative integer`);
-  b.writeUInt32BE(Math.floor(v / 0x1_0000_0000), at);
-  b.writeUInt32BE(v >>> 0, at + 4);
+  writeU64Exact(b, v, at);
 }
 
 function checkU32(v: number, what: string): void {

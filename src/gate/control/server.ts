@@ -24,6 +24,7 @@ import path from 'node:path';
 import pino, { type Logger } from 'pino';
 import * as v from 'valibot';
 import { BlockError, codeFromLinux, toBlockError } from '../../errors/index.js';
+import { parseOrThrow } from '../../device/index.js';
 import { claimSocketPath } from '../../io/listen.js';
 import { GATE, GateRegistry, type GateStartResult } from '../index.js';
 import {
@@ -75,12 +76,9 @@ const ModifySchema = v.strictObject({
   info: v.optional(v.string()),
 });
 
+/** A call's JSON arguments, validated with the one settings helper: `create: unit: ...`. */
 function parseArgs<T extends v.GenericSchema>(schema: T, body: unknown, op: string): v.InferOutput<T> {
-  const r = v.safeParse(schema, body);
-  if (r.success) return r.output;
-  const issue = r.issues[0];
-  const key = issue.path?.map((p) => String(p.key)).join('.') ?? '';
-  throw new BlockError('EINVAL', `${op}: ${key === '' ? '' : `${key}: `}${issue.message}`);
+  return parseOrThrow(schema, body, op, '');
 }
 
 /** Listens on a unix socket and serves control connections. */
