@@ -37,6 +37,10 @@
  *
  * One cache instance serves every connection of an export (one stack per export), and
  * its flush writes back the writes of all connections, so multi-conn is safe.
+ *
+ * Over 500 lines: the dirty map, the background write-out, the space waiters and the
+ * flush barrier are one invariant (which bytes are dirty, written, or failed) that every
+ * operation reads and changes.
  */
 import * as v from 'valibot';
 import { FilterDevice } from '../device/filter.js';

@@ -43,6 +43,10 @@
  * `stopGraceMs` for the replies to those already sent, then rejects EINTR; requests
  * left unanswered stay in flight on the gate for `rescue` (CANCEL seq 0). Any other
  * failure of a gate call (the control socket lost) rejects.
+ *
+ * Over 500 lines: the forwarder's send and receive sides, its reconnection and the
+ * requeueing of requests in flight across a reconnection share one table of outstanding
+ * requests; the connection pair itself is in ggatec-link.ts.
  */
 import { BlockError, toBlockError, type ErrnoCode } from '../errors/index.js';
 import { GATE, type GateCancelArgs, type GateCommand, type GateInfo, type GateStartRequest } from '../gate/index.js';

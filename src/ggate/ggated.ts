@@ -24,6 +24,10 @@
  * process, the handshake has a deadline (ggated relies on SO_RCVTIMEO, 8 s), half-open
  * pairs expire on a timer rather than at the next accept, and one process serves every
  * client (no fork), so clients of one path share one device stack and one ErrSeq.
+ *
+ * Over 500 lines: the handshake, the token pairing of two connections and the limits on
+ * half-open pairs are one state machine (a pair is only whole once both halves passed
+ * every step); the serving itself is in ggated-session.ts.
  */
 import net from 'node:net';
 import dns from 'node:dns';

@@ -47,6 +47,9 @@
  *
  * Other ops: an empty body. So the two error channels never mix: a call failure is the
  * header's status; a gate condition is a successful START whose result has `error` set.
+ *
+ * Over 500 lines: one encoder and one decoder per call and reply of a versioned binary
+ * protocol, each beside the struct layout it reads (pure functions, no state).
  */
 import { readU64Exact, writeU64Exact } from '../../io/wire.js';
 import { BlockError, codeFromLinux, linuxErrno } from '../../errors/index.js';
