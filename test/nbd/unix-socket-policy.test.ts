@@ -17,6 +17,18 @@ function nullExport(): Export {
   return new Export({ name: '', device: new NullDevice({ size: 4096 }) });
 }
 
+/** The first 8 bytes an NBD server sends on `sock` (its greeting's magic). */
+function greetingMagic(sock: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const c = net.connect(sock);
+    c.once('data', (d: Buffer) => {
+      c.destroy();
+      resolve(d.subarray(0, 8).toString('latin1'));
+    });
+    c.once('error', reject);
+  });
+}
+
 function tempDir(): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-listen-'));
 }
@@ -29,16 +41,8 @@ test('a second NbdServer on a live server\'s socket path fails EBUSY and the fir
   try {
     await first.listen({ path: sock });
     await assert.rejects(second.listen({ path: sock }), { code: 'EBUSY' });
-    // The first server still answers on its path with the NBD greeting.
-    const greeting = await new Promise<Buffer>((resolve, reject) => {
-      const c = net.connect(sock);
-      c.once('data', (d: Buffer) => {
-        c.destroy();
-        resolve(d);
-      });
-      c.once('error', reject);
-    });
-    assert.equal(greeting.subarray(0, 8).toString('latin1'), 'NBDMAGIC');
+    // The first server still answers on its path.
+    assert.equal(await greetingMagic(sock), 'NBDMAGIC');
   } finally {
     await second.close(100);
     await first.close(100);
@@ -60,15 +64,7 @@ test('a stale socket file (its server gone) is replaced by a new NbdServer', asy
   try {
     assert.ok(fs.lstatSync(sock).isSocket());
     await server.listen({ path: sock });
-    const greeting = await new Promise<Buffer>((resolve, reject) => {
-      const c = net.connect(sock);
-      c.once('data', (d: Buffer) => {
-        c.destroy();
-        resolve(d);
-      });
-      c.once('error', reject);
-    });
-    assert.equal(greeting.subarray(0, 8).toString('latin1'), 'NBDMAGIC');
+    assert.equal(await greetingMagic(sock), 'NBDMAGIC');
   } finally {
     await server.close(100);
     fs.rmSync(dir, { recursive: true, force: true });
