@@ -20,7 +20,7 @@
  * - rescue takes over a gate whose ggatec died: it connects, CANCELs (seq 0) so every
  *   request the dead handler had taken goes back to the queue in order, and serves.
  * - Lost connections are re-established every 2 s with a fresh token, and requests in
- *   flight are resent in order; the NBD clients only see a delay (src/client/ggatec.ts).
+ *   flight are resent in order; the NBD clients only see a delay (src/ggate/ggatec.ts).
  * - DELETE (NBD trim) is answered EOPNOTSUPP, as FreeBSD's ggatec does: the protocol
  *   has no such command.
  * - Foreground always (FreeBSD daemonizes unless -v); -v logs every request. Connection

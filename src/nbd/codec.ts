@@ -1,6 +1,6 @@
 /**
  * Pure encode/decode functions for every NBD message blockgate sends or receives.
- * No I/O here: sessions (src/server) call these on buffers. Encoders either write into
+ * No I/O here: sessions (src/nbd/session.ts) call these on buffers. Encoders either write into
  * a caller-owned buffer at an offset (hot path: reply headers) or return a new Buffer
  * (handshake, rare). Decoders read from a buffer at an offset and return plain objects;
  * they never throw on peer data, they return a `DecodeError` string instead.
