@@ -34,7 +34,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as v from 'valibot';
-import { BlockError, toBlockError } from '../errors/index.js';
+import { BlockError, toBlockError, type ErrnoCode } from '../errors/index.js';
 import { formatSize } from '../device/size.js';
 import { REQ, type BlockDevice, type Capabilities, type Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
@@ -191,6 +191,12 @@ async function blockDeviceSize(file: string, st: fs.Stats): Promise<number> {
 /** Most pieces one pwritev(2) call takes on Linux (IOV_MAX). */
 export const IOV_MAX = 1024;
 
+/**
+ * The errors of an O_RDWR open after which the file is opened read-only instead of
+ * refused: no permission to write (EACCES, EPERM) or a read-only filesystem (EROFS).
+ */
+export const READ_ONLY_FALLBACK_CODES: ReadonlySet<ErrnoCode> = new Set<ErrnoCode>(['EACCES', 'EPERM', 'EROFS']);
+
 /** statfs(2) f_type of tmpfs (linux/magic.h TMPFS_MAGIC). */
 export const TMPFS_MAGIC = 0x01021994;
 
@@ -238,15 +244,18 @@ export class FileDevice implements BlockDevice {
   /** Operations started and not yet settled; close() waits for them before closing the fd. */
   #inflight = 0;
   #onIdle: (() => void) | undefined;
+  /** Set when the file could not be opened for writing and was opened read-only instead: the errno of that refusal. */
+  readonly readOnlyBecause: ErrnoCode | undefined;
 
-  private constructor(file: string, fd: number, size: number, readonly: boolean, inline: boolean) {
+  private constructor(file: string, fd: number, size: number, readonly: boolean, inline: boolean, readOnlyBecause?: ErrnoCode) {
     this.path = file;
+    this.readOnlyBecause = readOnlyBecause;
     this.nonBlocking = inline;
     this.#fd = fd;
     this.size = size;
     this.#readonly = readonly;
     this.capabilities = readonly ? readOnlyCapabilities(CAPABILITIES) : CAPABILITIES;
-    this.description = `file ${file} ${formatSize(size)}${readonly ? ' (read-only)' : ''}`;
+    this.description = `file ${file} ${formatSize(size)}${readOnlyBecause ? ` (read-only: ${readOnlyBecause} opening it for writing)` : readonly ? ' (read-only)' : ''}`;
   }
 
   /** Opens (and with `create`/`size`, creates or extends) the file. */
@@ -255,12 +264,25 @@ export class FileDevice implements BlockDevice {
     if (readonly && create) throw new BlockError('EINVAL', 'file: create: cannot create a file opened read-only');
     const flags = (readonly ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | (create ? fs.constants.O_CREAT : 0);
     let fd: number;
+    let readOnlyBecause: ErrnoCode | undefined;
     try {
       fd = await openFd(file, flags);
     } catch (e) {
       const b = toBlockError(e);
-      throw new BlockError(b.code, `file: path: cannot open '${file}': ${b.message}`, { cause: e });
+      // As nbdkit's file plugin: a file we may only read (mode 0444, a read-only mount) is
+      // served read-only rather than refused; the description says why, and `serve` warns.
+      if (!readonly && !create && READ_ONLY_FALLBACK_CODES.has(b.code)) {
+        try {
+          fd = await openFd(file, fs.constants.O_RDONLY);
+          readOnlyBecause = b.code;
+        } catch {
+          throw new BlockError(b.code, `file: path: cannot open '${file}': ${b.message}`, { cause: e });
+        }
+      } else {
+        throw new BlockError(b.code, `file: path: cannot open '${file}': ${b.message}`, { cause: e });
+      }
     }
+    const ro = readonly || readOnlyBecause !== undefined;
     try {
       const st = await fstat(fd);
       let devSize: number;
@@ -273,7 +295,7 @@ export class FileDevice implements BlockDevice {
               `file: size: ${formatSize(size)} is smaller than the existing file (${formatSize(st.size)}); files are never truncated`,
             );
           }
-          if (readonly) throw new BlockError('EINVAL', `file: size: cannot extend '${file}' opened read-only`);
+          if (ro) throw new BlockError('EINVAL', `file: size: cannot extend '${file}' opened read-only${readOnlyBecause ? ` (${readOnlyBecause} opening it for writing)` : ''}`);
           await ftruncate(fd, size);
           devSize = size;
         }
@@ -284,7 +306,7 @@ export class FileDevice implements BlockDevice {
         throw new BlockError('EINVAL', `file: path: '${file}' is not a regular file or block device`);
       }
       const inline = io === 'inline' || (io === 'auto' && st.isFile() && (await onTmpfs(file)));
-      return new FileDevice(file, fd, devSize, readonly, inline);
+      return new FileDevice(file, fd, devSize, ro, inline, readOnlyBecause);
     } catch (e) {
       await closeFd(fd).catch(() => undefined);
       throw toBlockError(e);

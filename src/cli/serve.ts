@@ -146,6 +146,10 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   const cfg = configFromFlags(specs, flags);
   const log = stderrLogger(cfg.logLevel ?? 'info');
   const exports = await buildExports(cfg, flags.config ?? 'command line');
+  exports.forEach((e, i) => {
+    // A file that could only be opened read-only (0444, a read-only mount) is served so, as nbdkit does, but said aloud.
+    if (e.readOnly && cfg.exports[i]?.readOnly !== true) log.warn({ export: e.name, device: e.device.description }, 'serving read-only: the device cannot be written');
+  });
   const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
