@@ -80,6 +80,11 @@ export interface GgatedLimits {
   readonly maxRequestLength: number;
   /** Tokens waiting for their partner at once; beyond, a new client is refused with ENOMEM. */
   readonly maxHalfOpen: number;
+  /**
+   * Tokens one peer address may have waiting at once; beyond, that peer's new token is
+   * refused with ENOMEM while other peers still get in. A legitimate ggatec has one.
+   */
+  readonly maxHalfOpenPerPeer: number;
   /** Requests queued per client before the server stops reading its requests. */
   readonly maxQueuedRequests: number;
   /** WRITE payload bytes queued per client before the server stops reading its requests. */
@@ -97,6 +102,9 @@ export const DEFAULT_GGATED_LIMITS: GgatedLimits = Object.freeze({
   maxRequestLength: MAX_REQUEST_LENGTH,
   // ggated has no limit (a list that grows until malloc fails); 1024 pairs cost ~2 MiB.
   maxHalfOpen: 1024,
+  // One ggatec opens one token at a time (a few while it reconnects); 16 leaves room for
+  // several ggatec on one host, and keeps one flooding peer from taking all 1024.
+  maxHalfOpenPerPeer: 16,
   // A ggatec queue is 1024 deep by default; 256 queued requests keep the disk busy.
   maxQueuedRequests: 256,
   // 32 full-size writes: bounded per client, enough to stream.
@@ -195,6 +203,8 @@ export class GgatedServer implements GgateSessionHost {
   readonly #servers: net.Server[] = [];
   readonly #pending = new Set<Pending>();
   readonly #pairs = new Map<number, Pair>();
+  /** Half-open pairs per peer address (entries removed at 0). */
+  readonly #halfOpenByPeer = new Map<string, number>();
   readonly #sessions = new Set<GgateSession>();
   #shuttingDown = false;
   #drained: (() => void) | null = null;
@@ -412,6 +422,11 @@ export class GgatedServer implements GgateSessionHost {
       }
     } else {
       if (this.#pairs.size >= this.limits.maxHalfOpen) return this.#refuse(c, 'ENOMEM', 'too many half-open connections');
+      const mine = this.#halfOpenByPeer.get(c.ip) ?? 0;
+      if (mine >= this.limits.maxHalfOpenPerPeer) {
+        return this.#refuse(c, 'ENOMEM', `too many half-open connections from ${c.ip} (${mine})`);
+      }
+      this.#halfOpenByPeer.set(c.ip, mine + 1);
       const lease = this.table.acquire(path, access);
       // Each connection of the pair awaits it; this keeps an early failure from being unhandled.
       lease.catch(() => undefined);
@@ -471,7 +486,12 @@ export class GgatedServer implements GgateSessionHost {
   #retirePair(pair: Pair): void {
     pair.done = true;
     clearTimeout(pair.timer);
-    if (this.#pairs.get(pair.token) === pair) this.#pairs.delete(pair.token);
+    if (this.#pairs.get(pair.token) === pair) {
+      this.#pairs.delete(pair.token);
+      const n = (this.#halfOpenByPeer.get(pair.ip) ?? 1) - 1;
+      if (n > 0) this.#halfOpenByPeer.set(pair.ip, n);
+      else this.#halfOpenByPeer.delete(pair.ip);
+    }
   }
 
   /** Drops a half-open pair: both connections closed, the export released. */

@@ -130,3 +130,41 @@ describe('ggated export table', () => {
     assert.match(entries[0]!.err?.message ?? '', /injected close failure/);
   });
 });
+
+describe('half-open pairs per peer', () => {
+  test('one peer flooding half-open tokens is refused ENOMEM at its own cap while another peer still pairs and serves', async () => {
+    const text = '127.0.0.1 RW /flood\n127.0.0.2 RW /flood\n';
+    const server = new GgatedServer({
+      exports: await resolveExports(parseExports(text), async () => '127.0.0.1'),
+      stacks: { '/flood': { backend: { type: 'memory', size: '1M' } } },
+      limits: { maxHalfOpenPerPeer: 3 },
+    });
+    servers.add(server);
+    const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+    // The flooding peer (127.0.0.1) opens only the first connection of each token.
+    for (let i = 0; i < 3; i++) await handshake(port, '/flood', GGATE_FLAG.GGATE_FLAG_SEND, 9000 + i);
+    const c = await connect(port);
+    c.write(encodeVersion({ version: 0, error: null }));
+    assert.ok(decodeVersion(await c.read(GGATE_SIZE.VERSION_SIZE)).ok);
+    c.write(encodeCinit({ path: '/flood', flags: GGATE_FLAG.GGATE_FLAG_SEND, nconn: 2, token: 9100 }));
+    const refused = decodeSinit(await c.read(GGATE_SIZE.SINIT_SIZE));
+    assert.ok(refused.ok && refused.value.error === 'ENOMEM', 'the fourth half-open token of the flooding peer');
+    // Another peer (127.0.0.2, also loopback) pairs as usual.
+    const from2 = (flags: number) =>
+      new Promise<ByteSocket>((resolve, reject) => {
+        const s = net.connect({ port, host: '127.0.0.1', localAddress: '127.0.0.2' }, () => resolve(new ByteSocket(s)));
+        sockets.add(s);
+        s.once('error', reject);
+      }).then(async (b) => {
+        b.write(encodeVersion({ version: 0, error: null }));
+        assert.ok(decodeVersion(await b.read(GGATE_SIZE.VERSION_SIZE)).ok);
+        b.write(encodeCinit({ path: '/flood', flags, nconn: 2, token: 9200 }));
+        const s = decodeSinit(await b.read(GGATE_SIZE.SINIT_SIZE));
+        assert.ok(s.ok && s.value.error === null, 'the other peer is served');
+        return b;
+      });
+    await from2(GGATE_FLAG.GGATE_FLAG_SEND);
+    await from2(GGATE_FLAG.GGATE_FLAG_RECV);
+    assert.equal(server.halfOpenCount, 3);
+  });
+});
