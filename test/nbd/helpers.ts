@@ -4,6 +4,8 @@
  * test lets them go, and reply readers that understand all three reply forms.
  */
 import fs from 'node:fs';
+import { Writable } from 'node:stream';
+import pino, { type Logger } from 'pino';
 import os from 'node:os';
 import path from 'node:path';
 import { setImmediate as nextTurn } from 'node:timers/promises';
@@ -23,10 +25,10 @@ export interface DirectServer {
 }
 
 /** Serves ready-made exports on a private unix socket; `close` also closes their devices. */
-export async function serveExports(exports: Export[], limits?: Partial<ServerLimits>): Promise<DirectServer> {
+export async function serveExports(exports: Export[], limits?: Partial<ServerLimits>, logger?: Logger): Promise<DirectServer> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-server-test-'));
   const socket = path.join(dir, 'nbd.sock');
-  const server = new NbdServer({ exports, ...(limits ? { limits } : {}) });
+  const server = new NbdServer({ exports, ...(limits ? { limits } : {}), ...(logger ? { logger } : {}) });
   await server.listen({ path: socket });
   return {
     server,
@@ -37,6 +39,21 @@ export async function serveExports(exports: Export[], limits?: Partial<ServerLim
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * A pino logger at `level` whose JSON lines are kept as they were written (`raw`) and
+ * parsed (`lines`), for tests of what the server logs.
+ */
+export function capturingLogger(level = 'debug'): { logger: Logger; raw: string[]; lines: () => Record<string, unknown>[] } {
+  const raw: string[] = [];
+  const sink = new Writable({
+    write(chunk: Buffer, _enc, done) {
+      raw.push(...chunk.toString('utf8').split('\n').filter((l) => l !== ''));
+      done();
+    },
+  });
+  return { logger: pino({ level }, sink), raw, lines: () => raw.map((l) => JSON.parse(l) as Record<string, unknown>) };
 }
 
 /** Connects and negotiates GO in the given reply mode (with base:allocation if `meta`). */

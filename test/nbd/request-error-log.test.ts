@@ -6,19 +6,14 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { Writable } from 'node:stream';
 import pino from 'pino';
 import { FilterDevice } from '../../src/device/index.js';
 import { MemoryDevice } from '../../src/backends/index.js';
 import { ErrorFilter } from '../../src/filters/index.js';
 import { BlockError } from '../../src/errors/index.js';
 import { Export, RequestErrorLog, UNEXPECTED_LOG_INTERVAL_MS } from '../../src/export/index.js';
-import { NbdServer } from '../../src/nbd/index.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
-import { connect, expectError } from './helpers.js';
+import { capturingLogger, connect, expectError, serveExports } from './helpers.js';
 
 const EIO = 5;
 
@@ -43,27 +38,9 @@ interface LogLine {
 }
 
 async function serveLogged(exports: Export[]) {
-  const lines: string[] = [];
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      lines.push(...chunk.toString('utf8').split('\n').filter((l) => l !== ''));
-      cb();
-    },
-  });
-  const logger = pino({ level: 'debug' }, sink);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-errlog-'));
-  const socket = path.join(dir, 'nbd.sock');
-  const server = new NbdServer({ exports, logger });
-  await server.listen({ path: socket });
-  return {
-    socket,
-    lines: () => lines.map((l) => JSON.parse(l) as LogLine),
-    raw: () => lines,
-    async close() {
-      await server.close(1000);
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
+  const log = capturingLogger();
+  const srv = await serveExports(exports, undefined, log.logger);
+  return { socket: srv.socket, lines: () => log.lines() as LogLine[], raw: () => log.raw, close: () => srv.close() };
 }
 
 test('a device read that throws a TypeError: the client gets EIO, the log an error line with the stack, once for three requests', async () => {

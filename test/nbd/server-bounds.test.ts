@@ -6,48 +6,20 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { Writable } from 'node:stream';
 import { setImmediate as nextTurn } from 'node:timers/promises';
-import pino from 'pino';
 import { MemoryDevice } from '../../src/backends/memory.js';
 import { Export } from '../../src/export/index.js';
 import { NBD_CMD } from '../../src/nbd/constants.js';
-import { NbdServer } from '../../src/nbd/index.js';
 import { RawClient } from '../helpers/raw-client.js';
-import { GatedDevice, connect, expectOk, pattern, readData, serveExports, until } from './helpers.js';
+import { GatedDevice, capturingLogger, connect, expectOk, pattern, readData, serveExports, until, type DirectServer } from './helpers.js';
 
 const DISK = 1 << 20;
 
-/** A server with maxConnections 2 on a private unix socket, logging JSON lines into `lines`. */
-async function limitedServer(lines: Record<string, unknown>[]): Promise<{ server: NbdServer; socket: string; close(): Promise<void> }> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-bounds-test-'));
-  const socket = path.join(dir, 'nbd.sock');
-  const sink = new Writable({
-    write(chunk: Buffer, _enc, done) {
-      for (const l of chunk.toString().split('\n')) if (l) lines.push(JSON.parse(l) as Record<string, unknown>);
-      done();
-    },
-  });
+/** A server with maxConnections 2 on a private unix socket, logging at info into `log`. */
+async function limitedServer(log: ReturnType<typeof capturingLogger>): Promise<DirectServer> {
   const device = new MemoryDevice({ size: DISK });
   await device.write(pattern(DISK), 0, 0);
-  const server = new NbdServer({
-    exports: [new Export({ name: '', device })],
-    logger: pino({ level: 'info' }, sink),
-    limits: { maxConnections: 2 },
-  });
-  await server.listen({ path: socket });
-  return {
-    server,
-    socket,
-    async close() {
-      await server.close(2000);
-      await device.close();
-      fs.rmSync(dir, { recursive: true, force: true });
-    },
-  };
+  return serveExports([new Export({ name: '', device })], { maxConnections: 2 }, log.logger);
 }
 
 async function expectRead(c: RawClient, cookie: bigint, offset: number, length: number): Promise<void> {
@@ -56,8 +28,8 @@ async function expectRead(c: RawClient, cookie: bigint, offset: number, length: 
 }
 
 test('a client over maxConnections is closed before the greeting; the others keep serving', async () => {
-  const lines: Record<string, unknown>[] = [];
-  const srv = await limitedServer(lines);
+  const log = capturingLogger('info');
+  const srv = await limitedServer(log);
   const clients: RawClient[] = [];
   try {
     const a = await connect(srv.socket, 'simple');
@@ -67,7 +39,7 @@ test('a client over maxConnections is closed before the greeting; the others kee
     clients.push(refused);
     assert.equal(await refused.closedByServer(), true, 'the third client is closed');
     await assert.rejects(refused.read(1), /connection closed with 0 of 1 bytes/, 'and gets no greeting');
-    const refusals = lines.filter((l) => l.msg === 'connection refused: too many connections');
+    const refusals = log.lines().filter((l) => l.msg === 'connection refused: too many connections');
     assert.equal(refusals.length, 1, 'one log line per refusal');
     assert.equal(refusals[0]!.level, 30, 'at info');
     assert.equal(refusals[0]!.peer, 'unix');
