@@ -67,7 +67,7 @@ import {
   validateReply,
 } from './validate.js';
 import { CONTROL } from '../gate/control/protocol.js';
-import type { GateCalls } from '../gate/handler.js';
+import type { GateCalls, ServeGateEvent } from '../gate/handler.js';
 import { connectGgatec, randomToken, type GgatecLink, type GgatecTarget } from './ggatec-link.js';
 
 export { GGATEC_LINK, GgatecLink, cinitFlags, connectGgatec, randomToken, type GgatecConnectOptions, type GgatecTarget } from './ggatec-link.js';
@@ -112,17 +112,8 @@ export type GgatecEvent =
   | { readonly type: 'disconnected'; readonly reason: string; readonly inFlight: number }
   /** CANCEL (seq 0) after a reconnection: requests in flight are back at the head of the queue. */
   | { readonly type: 'requeued'; readonly token: number }
-  | {
-      readonly type: 'request';
-      readonly cmd: GateCommand;
-      readonly seq: number;
-      readonly offset: number;
-      readonly length: number;
-      /** 0, or the errno code the request was answered with. */
-      readonly error: ErrnoCode | 0;
-      /** False for requests answered here without the server (DELETE). */
-      readonly remote: boolean;
-    }
+  /** A request done, as a handler loop reports it; `remote` false for those answered here without the server (DELETE). */
+  | (Extract<ServeGateEvent, { readonly type: 'request' }> & { readonly remote: boolean })
   /** A reply with a seq nothing was sent with; skipped. */
   | { readonly type: 'stray-reply'; readonly seq: U64; readonly cmd: number };
 
