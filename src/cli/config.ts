@@ -6,13 +6,15 @@
  * File format (see docs/CONFIG.md):
  *
  *   {
- *     "listen": [{ "host": "127.0.0.1", "port": 10809 }, { "path": "/run/blockgate.sock" }],
+ *     "listen": [{ "host": "127.0.0.1", "port": 10809 }, { "path": "/run/blockgate.sock" },
+ *                { "host": "::", "port": 10810, "tls": "require", "tlsPsk": "keys.psk", "allow": ["fd00::/8"] }],
  *     "defaultExport": "disk",
  *     "logLevel": "info",
  *     "exports": [
  *       { "name": "disk", "description": "scratch disk", "readOnly": false,
  *         "backend": { "type": "file", "path": "disk.img" },
- *         "filters": [{ "type": "readonly" }] }
+ *         "filters": [{ "type": "readonly" }],
+ *         "tls": "require", "pskIdentities": ["alice"] }
  *     ]
  *   }
  */
@@ -21,6 +23,9 @@ import { InvalidArgumentError } from 'commander';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import { parseOrThrow, type LayerDescription } from '../device/index.js';
+import { AddressRules } from '../io/address-rules.js';
+import { ExportPolicy } from '../nbd/access.js';
+import { TLS_MODES } from '../nbd/tls.js';
 
 /** Default TCP port (IANA's NBD port). */
 export const DEFAULT_PORT = 10809;
@@ -52,12 +57,25 @@ const Layer = v.looseObject(
   (i) => `expected a layer object such as { "type": "memory", "size": "1G" }, got ${i.received}`,
 );
 
+const strings = (what: string) => v.array(str(what), (i) => `expected a list of ${what}s, got ${i.received}`);
+
+/** Who may connect: the same keys on a listener and on an export (src/io/address-rules.ts). */
+const RULES = {
+  allow: v.optional(strings('an address, CIDR range or uid:N string')),
+  deny: v.optional(strings('an address, CIDR range or uid:N string')),
+};
+
 const ExportSchema = keys('an export object', {
   name: v.pipe(str('an export name string'), v.maxLength(4096, 'is longer than the 4096 bytes NBD allows')),
   description: v.optional(str('a description string')),
   readOnly: v.optional(bool()),
   backend: Layer,
   filters: v.optional(v.array(Layer, (i) => `expected a list of layers, got ${i.received}`)),
+  /** 'require': only TLS clients see and may open it. */
+  tls: v.optional(v.picklist(['require'], 'expected "require" (an export is TLS-only or follows its listener)')),
+  ...RULES,
+  pskIdentities: v.optional(strings('a PSK identity string')),
+  subjects: v.optional(strings('a certificate subject string such as CN=alice')),
 });
 
 const Port = v.pipe(
@@ -67,8 +85,20 @@ const Port = v.pipe(
   v.maxValue(MAX_PORT, `expected a port number from 0 to ${MAX_PORT}`),
 );
 
+/** A listener's TLS and address rules (docs/SECURITY.md). */
+const LISTENER_SECURITY = {
+  tls: v.optional(v.picklist(TLS_MODES, `expected one of ${TLS_MODES.join(', ')}`)),
+  tlsCertificates: v.optional(str('a directory path')),
+  tlsPsk: v.optional(str('a PSK file path')),
+  tlsVerifyPeer: v.optional(bool()),
+  ...RULES,
+};
+
 const ListenSchema = v.union(
-  [keys('a TCP listener', { host: str('a host string'), port: Port }), keys('a unix listener', { path: v.pipe(str('a socket path'), v.minLength(1, 'must not be empty')) })],
+  [
+    keys('a TCP listener', { host: str('a host string'), port: Port, ...LISTENER_SECURITY }),
+    keys('a unix listener', { path: v.pipe(str('a socket path'), v.minLength(1, 'must not be empty')), ...LISTENER_SECURITY }),
+  ],
   (i) => `expected { "host": ..., "port": ... } or { "path": ... }, got ${i.received}`,
 );
 
@@ -107,6 +137,9 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
     if (names.has(e.name)) throw new BlockError('EINVAL', `${source}: exports[${i}].name: duplicate export name '${e.name}'`);
     names.add(e.name);
   });
+  // The rules are parsed once here so that a bad range is reported with its key path.
+  cfg.listen?.forEach((l, i) => new AddressRules(l, `${source}: listen[${i}]`));
+  cfg.exports.forEach((e, i) => new ExportPolicy(e, `${source}: exports[${i}]`));
   if (cfg.defaultExport !== undefined && !names.has(cfg.defaultExport)) {
     throw new BlockError('EINVAL', `${source}: defaultExport: no export named '${cfg.defaultExport}'`);
   }

@@ -22,7 +22,9 @@ import { Command, Option } from 'commander';
 import { SHUTDOWN_SIGNALS, shutdownSignal, stderrLogger } from './daemon.js';
 import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../export/registry.js';
-import { NbdServer, type ListenAddress } from '../nbd/index.js';
+import { NbdServer, type ListenAddress, type ListenerOptions } from '../nbd/index.js';
+import { loadTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
+import type { ExportPolicySpec } from '../nbd/access.js';
 import { Export } from '../export/index.js';
 import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
@@ -42,7 +44,20 @@ import {
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
 
 /** The flags whose settings a config file holds (as ServeFlags keys); refused with --config. */
-const CONFIG_CONFLICTS = ['address', 'port', 'unix', 'readOnly', 'defaultExport', 'description'] satisfies (keyof ServeFlags)[];
+const CONFIG_CONFLICTS = [
+  'address',
+  'port',
+  'unix',
+  'readOnly',
+  'defaultExport',
+  'description',
+  'tls',
+  'tlsCertificates',
+  'tlsPsk',
+  'tlsVerifyPeer',
+  'allow',
+  'deny',
+] satisfies (keyof ServeFlags)[];
 
 interface ServeFlags {
   config?: string;
@@ -58,14 +73,24 @@ interface ServeFlags {
   logLevel: string;
   /** A path (--control), false (--no-control) or undefined (the default path). */
   control?: string | false;
+  tls?: TlsMode;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
+  allow?: string[];
+  deny?: string[];
 }
 
-/** An NBD URI for an address and export name (doc/uri.md). */
-export function nbdUri(addr: ListenAddress, exportName: string): string {
+/** Collects a repeatable option's values. */
+const collect = (v: string, prev: string[] | undefined): string[] => [...(prev ?? []), v];
+
+/** An NBD URI for an address and export name (doc/uri.md); `nbds` when the listener requires TLS. */
+export function nbdUri(addr: ListenAddress, exportName: string, tls: TlsMode = 'off'): string {
   const name = encodeURIComponent(exportName).replace(/%2F/g, '/');
-  if ('path' in addr) return `nbd+unix:///${name}?socket=${encodeURIComponent(addr.path)}`;
+  const scheme = tls === 'require' ? 'nbds' : 'nbd';
+  if ('path' in addr) return `${scheme}+unix:///${name}?socket=${encodeURIComponent(addr.path)}`;
   const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
-  return `nbd://${host}:${addr.port}/${name}`;
+  return `${scheme}://${host}:${addr.port}/${name}`;
 }
 
 /**
@@ -88,9 +113,17 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
   const exports = (specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC]).map((s) => parseExportSpec(s, flags.readOnly));
   if (flags.description && exports[0]) exports[0] = { ...exports[0], description: flags.description };
   const port = flags.port;
+  const security = {
+    ...(flags.tls !== undefined ? { tls: flags.tls } : {}),
+    ...(flags.tlsCertificates !== undefined ? { tlsCertificates: flags.tlsCertificates } : {}),
+    ...(flags.tlsPsk !== undefined ? { tlsPsk: flags.tlsPsk } : {}),
+    ...(flags.tlsVerifyPeer ? { tlsVerifyPeer: true } : {}),
+    ...(flags.allow ? { allow: flags.allow } : {}),
+    ...(flags.deny ? { deny: flags.deny } : {}),
+  };
   const listen: NonNullable<ServeConfig['listen']> = [];
-  if (flags.unix) listen.push({ path: flags.unix });
-  else for (const host of flags.address ?? [DEFAULT_HOST]) listen.push({ host, port });
+  if (flags.unix) listen.push({ path: flags.unix, ...security });
+  else for (const host of flags.address ?? [DEFAULT_HOST]) listen.push({ host, port, ...security });
   return parseConfig(
     { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
     'command line',
@@ -139,6 +172,24 @@ export async function buildExports(cfg: { readonly exports: readonly ExportSpec[
   return built;
 }
 
+type ListenerConfig = NonNullable<ServeConfig['listen']>[number];
+
+function listenAddress(l: ListenerConfig): ListenAddress {
+  return 'path' in l ? { path: l.path } : { host: l.host, port: l.port };
+}
+
+/**
+ * A listener's TLS credentials and rules. Credentials without a `tls` mode mean
+ * 'require' (as qemu-nbd's --tls-creds): giving a key and still serving in clear
+ * to whoever asks would be the surprising choice; `on` says so explicitly.
+ */
+function listenerOptions(l: ListenerConfig): ListenerOptions {
+  const hasCreds = l.tlsCertificates !== undefined || l.tlsPsk !== undefined;
+  const mode: TlsMode = l.tls ?? (hasCreds ? 'require' : 'off');
+  const tls = loadTls({ mode, certificates: l.tlsCertificates, psk: l.tlsPsk, verifyPeer: l.tlsVerifyPeer });
+  return { tls, ...(l.allow || l.deny ? { rules: { ...(l.allow ? { allow: l.allow } : {}), ...(l.deny ? { deny: l.deny } : {}) } } : {}) };
+}
+
 async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   if (flags.run && (flags.unix || (flags.address?.length ?? 0) > 1)) {
     throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
@@ -150,7 +201,11 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     // A file that could only be opened read-only (0444, a read-only mount) is served so, as nbdkit does, but said aloud.
     if (e.readOnly && cfg.exports[i]?.readOnly !== true) log.warn({ export: e.name, device: e.device.description }, 'serving read-only: the device cannot be written');
   });
-  const server = new NbdServer({ exports, logger: log, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
+  const access: Record<string, ExportPolicySpec> = {};
+  for (const e of cfg.exports) {
+    if (e.tls || e.allow || e.deny || e.pskIdentities || e.subjects) access[e.name] = e;
+  }
+  const server = new NbdServer({ exports, logger: log, access, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
   // Before listening, so that a bad --control leaves nothing running.
@@ -165,23 +220,29 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
         });
 
   let tmpDir: string | null = null;
-  const listen: ListenAddress[] = [];
+  const configured: ListenerConfig[] = cfg.listen && cfg.listen.length > 0 ? cfg.listen : [{ host: DEFAULT_HOST, port: DEFAULT_PORT }];
+  const listen: ListenerConfig[] = [];
   if (flags.run) {
     tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-'));
-    listen.push({ path: path.join(tmpDir, 'nbd.sock') });
+    // The private socket keeps the TLS and address settings the flags gave.
+    const { host: _h, port: _p, ...security } = configured[0] as ListenerConfig & { host?: string; port?: number };
+    listen.push({ ...security, path: path.join(tmpDir, 'nbd.sock') });
   } else {
-    listen.push(...(cfg.listen && cfg.listen.length > 0 ? cfg.listen : [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]));
+    listen.push(...configured);
   }
-  const bound: ListenAddress[] = [];
-  for (const a of listen) bound.push(await server.listen(a));
-  for (const a of bound) log.info({ uri: nbdUri(a, defaultName), exports: exports.map((e) => e.name) }, 'listening');
+  const bound: { addr: ListenAddress; tls: TlsMode }[] = [];
+  for (const l of listen) {
+    const opts = listenerOptions(l);
+    bound.push({ addr: await server.listen(listenAddress(l), opts), tls: opts.tls?.mode ?? 'off' });
+  }
+  for (const b of bound) log.info({ uri: nbdUri(b.addr, defaultName, b.tls), tls: b.tls, exports: exports.map((e) => e.name) }, 'listening');
   const missing = missingV8Flags();
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
   }
   // Installed before the URI is printed, so whoever waits for the URI can signal at once.
   const stopSignal = flags.run ? undefined : shutdownSignal(log, SERVE_STOP_SIGNALS);
-  if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!, defaultName)}\n`);
+  if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls)}\n`);
 
   const stop = async (): Promise<void> => {
     await server.close();
@@ -191,7 +252,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   };
 
   if (flags.run) {
-    const uri = nbdUri(bound[0]!, defaultName);
+    const uri = nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls);
     const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env: { ...process.env, uri, nbd: uri } });
     const forward = (sig: NodeJS.Signals) => child.kill(sig);
     // The command decides what a signal means to it; serve stops when it exits.
@@ -226,13 +287,19 @@ export function serveCommand(): Command {
         CONFIG_CONFLICTS,
       ),
     )
-    .option('-a, --address <host>', `listen on this address (repeatable; IPv6 allowed; default: ${DEFAULT_HOST})`, (v: string, prev: string[] | undefined) => [...(prev ?? []), v])
+    .option('-a, --address <host>', `listen on this address (repeatable; IPv6 allowed; default: ${DEFAULT_HOST})`, collect)
     .option('-p, --port <port>', 'TCP port', parsePort, DEFAULT_PORT)
     .option('-U, --unix <path>', 'listen on a unix socket instead of TCP')
     .option('-r, --read-only', 'serve the exports read-only')
     .option('-e, --default-export <name>', "export given to clients that ask for ''")
     .option('-D, --description <text>', 'description of the first export')
     .option('--print-uri', 'print the NBD URI of the default export once listening')
+    .addOption(new Option('--tls <mode>', 'TLS: off, on (the client chooses) or require (default: require when credentials are given, else off; docs/SECURITY.md)').choices(TLS_MODES))
+    .option('--tls-certificates <dir>', 'X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, and DIR/ca-cert.pem for --tls-verify-peer')
+    .option('--tls-psk <file>', 'pre-shared keys: identity:hexkey lines, as GnuTLS psktool writes them')
+    .option('--tls-verify-peer', 'require a client certificate signed by DIR/ca-cert.pem')
+    .option('--allow <rule>', 'admit only clients matching: an address, CIDR range (v4 or v6) or uid:N for unix sockets (repeatable)', collect)
+    .option('--deny <rule>', 'refuse clients matching an address, CIDR range or uid:N (repeatable; wins over --allow)', collect)
     .option('--run <command>', "captive mode: serve on a private unix socket, run COMMAND with $uri set, exit with its status")
     .option('--control <path>', 'control socket for gate handlers (blockgate ggatel) and blockgate status (default: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else /tmp/blockgate-<uid>/ctl.sock; mode 0600)')
     .option('--no-control', 'open no control socket')

@@ -7,6 +7,7 @@
  */
 import type { BlockDevice } from '../device/index.js';
 import type { Export } from '../export/export.js';
+import type { TlsMode } from './tls.js';
 import {
   BASE_ALLOCATION,
   MODE,
@@ -47,7 +48,17 @@ export interface HandshakeHost {
   findExport(name: string): Export | undefined;
   /** Every export, for NBD_OPT_LIST. */
   listExports(): readonly Export[];
+  /** The listener's TLS policy. */
+  readonly tlsMode: TlsMode;
+  /**
+   * Whether this client may open `exp` now: 'ok'; 'tls' if only over TLS and TLS is not
+   * on yet; 'denied' if its address or TLS identity is not allowed for the export.
+   */
+  access(exp: Export): ExportAccess;
 }
+
+/** See {@link HandshakeHost.access}. */
+export type ExportAccess = 'ok' | 'tls' | 'denied';
 
 /** What the session does after an option (or the client flags). */
 export type HandshakeOutcome =
@@ -65,7 +76,12 @@ export type HandshakeOutcome =
   /** Close without a further word (the spec's hard disconnect); `reason` is for the log, null for none. */
   | { readonly kind: 'hangUp'; readonly reason: string | null }
   /** NBD_OPT_ABORT: the replies (its ACK) are sent, then the connection ends. */
-  | { readonly kind: 'abort' };
+  | { readonly kind: 'abort' }
+  /**
+   * NBD_OPT_STARTTLS accepted: the ACK is sent in clear, then the TLS handshake runs on
+   * the same socket, then {@link Handshake.tlsEstablished} and the options begin again.
+   */
+  | { readonly kind: 'startTls' };
 
 /** The bytes to send, in order, then the outcome. */
 export interface HandshakeStep {
@@ -79,6 +95,8 @@ const KNOWN_CLIENT_FLAGS = NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE | NBD_CLIEN
 export class Handshake {
   readonly #host: HandshakeHost;
   #noZeroes = false;
+  /** True once STARTTLS has succeeded. */
+  #tls = false;
   #mode: Mode = MODE.SIMPLE;
   /** The export name base:allocation was selected for, or null if none. */
   #metaExport: string | null = null;
@@ -92,6 +110,22 @@ export class Handshake {
   /** The reply mode agreed so far. */
   get mode(): Mode {
     return this.#mode;
+  }
+
+  /** True once TLS is on. */
+  get tls(): boolean {
+    return this.#tls;
+  }
+
+  /**
+   * The TLS handshake after STARTTLS succeeded: the spec has the server forget what was
+   * negotiated in clear (reply mode, metadata contexts), since a man in the middle may
+   * have chosen it. The client flags stay: they were sent once, before any option.
+   */
+  tlsEstablished(): void {
+    this.#tls = true;
+    this.#mode = MODE.SIMPLE;
+    this.#metaExport = null;
   }
 
   /** The client flags that open the haggling: continue, or hang up on unknown ones. */
@@ -138,6 +172,12 @@ export class Handshake {
       if (option === O.NBD_OPT_EXPORT_NAME) return { kind: 'hangUp', reason: null };
       return this.#reply(option, R.NBD_REP_ERR_SHUTDOWN, 'server is shutting down');
     }
+    if (!this.#tls && this.#host.tlsMode === 'require' && option !== O.NBD_OPT_ABORT && option !== O.NBD_OPT_STARTTLS) {
+      // FORCEDTLS: nothing is told in clear, not even which options exist. EXPORT_NAME
+      // cannot carry an error: the spec has the server close.
+      if (option === O.NBD_OPT_EXPORT_NAME) return { kind: 'hangUp', reason: 'EXPORT_NAME before STARTTLS on a TLS-only listener, closing' };
+      return this.#reply(option, R.NBD_REP_ERR_TLS_REQD, 'TLS is required: send NBD_OPT_STARTTLS first');
+    }
     switch (option) {
       case O.NBD_OPT_EXPORT_NAME: {
         if (this.#mode === MODE.EXTENDED) {
@@ -147,6 +187,11 @@ export class Handshake {
         const name = data.toString('utf8');
         const exp = this.#host.findExport(name);
         if (!exp) return { kind: 'hangUp', reason: `EXPORT_NAME of an unknown export '${name}', closing` };
+        const access = this.#host.access(exp);
+        if (access !== 'ok') {
+          const why = access === 'tls' ? 'needs TLS' : 'is not allowed to this client';
+          return { kind: 'hangUp', reason: `EXPORT_NAME of export '${exp.name}', which ${why}, closing` };
+        }
         const flags = this.#transmissionFlags(exp);
         this.#out.push(encodeExportNameReply(exp.device.size, flags, this.#noZeroes));
         return this.#transmission(exp, flags);
@@ -156,13 +201,18 @@ export class Handshake {
         return { kind: 'abort' };
       case O.NBD_OPT_LIST:
         if (data.length !== 0) return this.#reply(option, R.NBD_REP_ERR_INVALID, 'LIST takes no data');
+        // Exports this client may not open are not listed (the spec lets a server hide TLS-only ones).
         for (const exp of this.#host.listExports()) {
+          if (this.#host.access(exp) !== 'ok') continue;
           this.#reply(option, R.NBD_REP_SERVER, encodeRepServer(exp.name, exp.description));
         }
         return this.#reply(option, R.NBD_REP_ACK);
       case O.NBD_OPT_STARTTLS:
         if (data.length !== 0) return this.#reply(option, R.NBD_REP_ERR_INVALID, 'STARTTLS takes no data');
-        return this.#reply(option, R.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
+        if (this.#tls) return this.#reply(option, R.NBD_REP_ERR_INVALID, 'TLS is already negotiated');
+        if (this.#host.tlsMode === 'off') return this.#reply(option, R.NBD_REP_ERR_POLICY, 'TLS is not configured on this server');
+        this.#reply(option, R.NBD_REP_ACK);
+        return { kind: 'startTls' };
       case O.NBD_OPT_INFO:
       case O.NBD_OPT_GO:
         return this.#infoOrGo(option, data);
@@ -200,6 +250,9 @@ export class Handshake {
     if (isDecodeError(req)) return this.#reply(option, R.NBD_REP_ERR_INVALID, req.error);
     const exp = this.#host.findExport(req.name);
     if (!exp) return this.#reply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
+    const access = this.#host.access(exp);
+    if (access === 'tls') return this.#reply(option, R.NBD_REP_ERR_TLS_REQD, `export '${exp.name}' is served only over TLS`);
+    if (access === 'denied') return this.#reply(option, R.NBD_REP_ERR_POLICY, `export '${exp.name}' is not allowed to this client`);
     const flags = this.#transmissionFlags(exp);
     const dev = exp.device;
     this.#reply(option, R.NBD_REP_INFO, encodeInfoExport(dev.size, flags));
@@ -227,6 +280,10 @@ export class Handshake {
     if (isDecodeError(req)) return this.#reply(option, R.NBD_REP_ERR_INVALID, req.error);
     const exp = this.#host.findExport(req.name);
     if (!exp) return this.#reply(option, R.NBD_REP_ERR_UNKNOWN, `no export named '${req.name}'`);
+    if (this.#host.access(exp) !== 'ok') {
+      // Not TLS_REQD even for a TLS-only export: the spec keeps that for INFO, GO and EXPORT_NAME.
+      return this.#reply(option, R.NBD_REP_ERR_POLICY, `export '${exp.name}' is not available to this client`);
+    }
     // Which queries select base:allocation: for LIST, none (= all), "base:" (the namespace
     // wildcard) or the full name; for SET, only the full name. Unknown names are ignored.
     const selects = set

@@ -11,11 +11,24 @@ import type { Export, ExportTable } from '../export/export.js';
 import { RequestErrorLog } from '../export/error-log.js';
 import { DEFAULT_LIMITS, InFlightBudget, validateLimits, type ServerLimits } from './limits.js';
 import { NbdSession, type SessionHost } from './session.js';
+import { AddressRules, type AddressRuleSpec } from '../io/address-rules.js';
+import { peerCredentials, peerCredentialsUnavailable } from '../io/peer-cred.js';
+import { ExportPolicy, type Client, type ExportPolicySpec } from './access.js';
+import type { ExportAccess } from './handshake.js';
+import { TLS_OFF, type ServerTls } from './tls.js';
 import { BufferPool } from '../io/buffer-pool.js';
 import { closeListeners, drainSessions } from '../io/drain.js';
 
 /** Where to listen. */
 export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
+
+/** How one listener treats its clients. */
+export interface ListenerOptions {
+  /** TLS policy and credentials (src/nbd/tls.ts loadTls). Default: off. */
+  readonly tls?: ServerTls;
+  /** Who may connect, checked at accept time before the greeting. Default: everyone. */
+  readonly rules?: AddressRuleSpec;
+}
 
 export interface NbdServerOptions {
   /** The exports; names must be unique. */
@@ -26,6 +39,16 @@ export interface NbdServerOptions {
   readonly logger?: Logger;
   /** Limits; missing keys take {@link DEFAULT_LIMITS}. */
   readonly limits?: Partial<ServerLimits>;
+  /** Access rules per export name (TLS only, addresses, TLS identities). Default: none. */
+  readonly access?: Readonly<Record<string, ExportPolicySpec>>;
+}
+
+/** A listener's settings as its accept callback uses them. */
+interface Listener {
+  readonly tls: ServerTls;
+  readonly rules: AddressRules | null;
+  /** Read unix peers' uids (some rule names a uid). */
+  readonly readUids: boolean;
 }
 
 export class NbdServer implements SessionHost, ExportTable {
@@ -35,6 +58,7 @@ export class NbdServer implements SessionHost, ExportTable {
   readonly budget: InFlightBudget;
   readonly errorLog = new RequestErrorLog();
   readonly #exports = new Map<string, Export>();
+  readonly #policies = new Map<string, ExportPolicy>();
   readonly #defaultName: string;
   readonly #servers: net.Server[] = [];
   readonly #sessions = new Set<NbdSession>();
@@ -53,6 +77,10 @@ export class NbdServer implements SessionHost, ExportTable {
     }
     const first = opts.exports[0];
     if (!first) throw new BlockError('EINVAL', 'at least one export is needed');
+    for (const [name, spec] of Object.entries(opts.access ?? {})) {
+      if (!this.#exports.has(name)) throw new BlockError('EINVAL', `access rules for '${name}', which is not an export`);
+      this.#policies.set(name, new ExportPolicy(spec, `exports '${name}'`));
+    }
     this.#defaultName = opts.defaultExport ?? first.name;
     if (!this.#exports.has(this.#defaultName)) {
       throw new BlockError('EINVAL', `default export '${this.#defaultName}' does not exist`);
@@ -69,6 +97,10 @@ export class NbdServer implements SessionHost, ExportTable {
 
   listExports(): readonly Export[] {
     return [...this.#exports.values()];
+  }
+
+  access(exp: Export, client: Client): ExportAccess {
+    return this.#policies.get(exp.name)?.access(client) ?? 'ok';
   }
 
   /**
@@ -111,10 +143,21 @@ export class NbdServer implements SessionHost, ExportTable {
     if (this.#sessions.size === 0 && this.#drained) this.#drained();
   }
 
-  /** Starts listening; resolves with the bound address (port chosen by the OS if 0). */
-  async listen(addr: ListenAddress): Promise<ListenAddress> {
+  /**
+   * Starts listening; resolves with the bound address (port chosen by the OS if 0).
+   * Throws EINVAL for bad rules, or uid rules where unix peers' credentials cannot be read.
+   */
+  async listen(addr: ListenAddress, opts: ListenerOptions = {}): Promise<ListenAddress> {
+    const rules = opts.rules ? new AddressRules(opts.rules, 'listener') : null;
+    const tls = opts.tls ?? TLS_OFF;
+    const readUids = 'path' in addr && ((rules?.usesUids ?? false) || [...this.#policies.values()].some((p) => p.usesUids));
+    if (readUids) {
+      const why = peerCredentialsUnavailable();
+      if (why !== null) throw new BlockError('EINVAL', `uid rules need the unix peer's credentials, which cannot be read here: ${why}`);
+    }
+    const listener: Listener = { tls, rules: rules && !rules.empty ? rules : null, readUids };
     // Paused, so that a session can switch the socket to lent receive buffers before the first read.
-    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket));
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket, listener));
     server.on('error', (err) => this.logger.error({ err }, 'listener error'));
     // A live server's path is refused (EBUSY), a stale socket file replaced (src/io/listen.ts).
     if ('path' in addr) await claimSocketPath(addr.path);
@@ -132,8 +175,16 @@ export class NbdServer implements SessionHost, ExportTable {
     return { host: a.address, port: a.port };
   }
 
-  #accept(socket: net.Socket): void {
+  #accept(socket: net.Socket, listener: Listener): void {
     if (this.#shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    const uid = listener.readUids ? peerCredentials(socket)?.uid : undefined;
+    if (listener.rules && !listener.rules.admits({ address: socket.remoteAddress, uid })) {
+      // Refused before the greeting: a clean close, as for too many connections.
+      const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix uid ${uid ?? 'unknown'}`;
+      this.logger.info({ peer }, "connection refused by the listener's address rules");
       socket.destroy();
       return;
     }
@@ -150,7 +201,7 @@ export class NbdServer implements SessionHost, ExportTable {
     }
     let session: NbdSession;
     try {
-      session = new NbdSession(socket, this);
+      session = new NbdSession(socket, this, { tls: listener.tls, uid });
     } catch (err) {
       // A connection that cannot be set up is dropped; the server goes on serving the others.
       this.logger.error({ err }, 'could not start a session');

@@ -19,6 +19,7 @@
  * every chunk.
  */
 import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import type { Logger } from 'pino';
 import { BlockError } from '../errors/index.js';
 import type { BlockDevice } from '../device/index.js';
@@ -41,7 +42,9 @@ import {
 } from './codec.js';
 import type { Export, ExportSession } from '../export/export.js';
 import type { RequestErrorLog } from '../export/error-log.js';
-import { Handshake, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
+import { Handshake, type ExportAccess, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
+import { describeTlsPeer, TLS_OFF, upgradeToTls, type ServerTls, type TlsPeer } from './tls.js';
+import type { Client } from './access.js';
 import { replyWriter, type ReplyWriter } from './replies.js';
 import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
 import { nbdErrno, validateRequest, type ValidationContext } from './transmission.js';
@@ -66,6 +69,8 @@ export interface SessionHost {
   listExports(): readonly Export[];
   /** True once the server is shutting down. */
   readonly shuttingDown: boolean;
+  /** Whether `client` may open `exp` now (the export's access rules). */
+  access(exp: Export, client: Client): ExportAccess;
   /** Called once when the session has closed. */
   sessionClosed(session: NbdSession): void;
 }
@@ -95,6 +100,8 @@ const S = {
   IGNORE: 7,
   /** A WRITE payload kept as slices of the socket's chunks, for a device with writev. */
   GATHER_PAYLOAD: 8,
+  /** STARTTLS was accepted: the clear-text stream is over until the TLS handshake is done. */
+  TLS_HANDSHAKE: 9,
 } as const;
 type State = (typeof S)[keyof typeof S];
 
@@ -115,12 +122,26 @@ interface PendingChunk {
   readonly rx: RxBuffer | null;
 }
 
+/** What the listener that accepted the connection sets for it. */
+export interface SessionOptions {
+  /** The listener's TLS policy and credentials. Default: TLS off. */
+  readonly tls?: ServerTls;
+  /** A unix peer's uid (SO_PEERCRED), when the server read it. */
+  readonly uid?: number | undefined;
+}
+
 let nextSessionId = 1;
 
 export class NbdSession implements ExportSession {
   readonly id = nextSessionId++;
   readonly peer: string;
-  readonly #socket: Socket;
+  /** The connection; replaced by its TLSSocket after STARTTLS. */
+  #socket: Socket;
+  readonly #address: string | undefined;
+  readonly #uid: number | undefined;
+  readonly #tlsConfig: ServerTls;
+  /** What TLS agreed, once the TLS handshake is done. */
+  #tlsPeer: TlsPeer | null = null;
   readonly #host: SessionHost;
   readonly #log: Logger;
 
@@ -143,7 +164,7 @@ export class NbdSession implements ExportSession {
   #pendingHead = 0;
   #readPaused = false;
   /** True when the socket reads into buffers this session lends it (else 'data' chunks, never reused). */
-  readonly #lent: boolean;
+  #lent: boolean;
   /** The receive buffers lent to the socket (lent mode) and their holders. */
   readonly #rxBuffers: ReceiveBuffers;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
@@ -186,8 +207,11 @@ export class NbdSession implements ExportSession {
    * reads can be switched to lent buffers before the first byte; a flowing socket is
    * served through its 'data' events.
    */
-  constructor(accepted: Socket, host: SessionHost) {
+  constructor(accepted: Socket, host: SessionHost, opts: SessionOptions = {}) {
     this.#host = host;
+    this.#tlsConfig = opts.tls ?? TLS_OFF;
+    this.#uid = opts.uid;
+    this.#address = accepted.remoteAddress;
     const rxBuffers = new ReceiveBuffers(host.pool, host.limits.maxInFlightBytes);
     this.#rxBuffers = rxBuffers;
     this.#handshake = new Handshake({
@@ -197,6 +221,8 @@ export class NbdSession implements ExportSession {
       },
       findExport: (name) => host.findExport(name),
       listExports: () => host.listExports(),
+      tlsMode: this.#tlsConfig.mode,
+      access: (exp) => host.access(exp, this.client),
     });
     const lent = lendReadBuffers(
       accepted,
@@ -213,15 +239,29 @@ export class NbdSession implements ExportSession {
       socket.on('data', (chunk: Buffer) => this.#onData(chunk, null));
       socket.resume();
     }
-    socket.on('error', (err) => this.#log.debug({ err }, 'socket error'));
-    socket.on('close', () => this.#onClose());
-    socket.on('drain', () => this.#maybeResume());
+    this.#listen(socket);
     this.#handshakeTimer = setTimeout(() => {
       this.#log.info('handshake timed out');
       this.#hangUp();
     }, host.limits.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
     socket.write(encodeGreeting(NBD_HS_FLAG.NBD_FLAG_FIXED_NEWSTYLE | NBD_HS_FLAG.NBD_FLAG_NO_ZEROES));
+  }
+
+  #listen(socket: Socket): void {
+    socket.on('error', (err) => this.#log.debug({ err }, 'socket error'));
+    socket.on('close', () => this.#onClose());
+    socket.on('drain', () => this.#maybeResume());
+  }
+
+  /** The client as access rules see it: address (or unix uid) and TLS identity. */
+  get client(): Client {
+    return { address: this.#address, uid: this.#uid, tls: this.#tlsPeer };
+  }
+
+  /** What TLS agreed (protocol, suite, PSK identity or certificate subject); null in clear. */
+  get tls(): TlsPeer | null {
+    return this.#tlsPeer;
   }
 
   /** The export this session is attached to, once in transmission. */
@@ -296,6 +336,12 @@ export class NbdSession implements ExportSession {
       }
       switch (this.#state) {
         case S.IGNORE:
+          return;
+        case S.TLS_HANDSHAKE:
+          // The client must wait for STARTTLS's ACK before its ClientHello: bytes here
+          // were sent in clear after the option and would be lost or misread.
+          this.#log.info('data after STARTTLS before the TLS handshake, closing');
+          this.#hangUp();
           return;
         case S.CLIENT_FLAGS:
         case S.OPTION_HEADER:
@@ -453,9 +499,55 @@ export class NbdSession implements ExportSession {
         this.#state = S.IGNORE;
         this.#socket.end();
         return;
+      case 'startTls':
+        return this.#startTls();
       case 'transmission':
         return this.#enterTransmission(outcome.export, outcome.flags, outcome.mode, outcome.metaSelected);
     }
+  }
+
+  /**
+   * After STARTTLS's ACK: stop reading in clear, and once the ACK has left, wrap the
+   * socket in TLS. The handshake timer keeps running, so a client that stalls in the TLS
+   * handshake is closed like one that stalls in the options.
+   */
+  #startTls(): void {
+    this.#state = S.TLS_HANDSHAKE;
+    const raw = this.#socket;
+    raw.pause();
+    raw.write(EMPTY, (err) => {
+      if (err || this.#closed || this.#state !== S.TLS_HANDSHAKE) return;
+      if (this.#pendingHead < this.#pendingChunks.length) {
+        this.#log.info('data after STARTTLS before the TLS handshake, closing');
+        return this.#hangUp();
+      }
+      let secure: TLSSocket;
+      try {
+        secure = upgradeToTls(raw, this.#tlsConfig);
+      } catch (e) {
+        this.#log.error({ err: e }, 'cannot start TLS');
+        return this.#hangUp();
+      }
+      this.#socket = secure;
+      this.#lent = false;
+      secure.on('secure', () => this.#onSecure(secure));
+      // Before 'secure', an error is a failed TLS handshake (wrong key, unknown CA, garbage).
+      secure.on('error', (err: NodeJS.ErrnoException) => {
+        if (this.#tlsPeer === null) this.#log.info({ code: err.code, reason: err.message }, 'TLS handshake failed, closing');
+        secure.destroy();
+      });
+      secure.on('data', (chunk: Buffer) => this.#onData(chunk, null));
+      this.#listen(secure);
+    });
+  }
+
+  #onSecure(secure: TLSSocket): void {
+    if (this.#closed) return;
+    this.#tlsPeer = describeTlsPeer(secure);
+    this.#handshake.tlsEstablished();
+    const t = this.#tlsPeer;
+    this.#log.info({ protocol: t.protocol, cipher: t.cipher, pskIdentity: t.pskIdentity, subject: t.subject }, 'TLS established');
+    this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
   }
 
   #enterTransmission(exp: Export, flags: number, mode: Mode, metaSelected: boolean): void {

@@ -39,7 +39,7 @@ test('an unknown key in a config export is named with the keys allowed, not "Exp
   assert.throws(
     () => parseConfig({ exports: [{ name: 'a', readonly: true, backend: { type: 'null' } }] }, 'db.json'),
     (e: Error) => {
-      assert.equal(e.message, 'db.json: exports[0].readonly: unknown key (known: name, description, readOnly, backend, filters)');
+      assert.equal(e.message, 'db.json: exports[0].readonly: unknown key (known: name, description, readOnly, backend, filters, tls, allow, deny, pskIdentities, subjects)');
       return true;
     },
   );

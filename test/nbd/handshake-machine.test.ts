@@ -28,6 +28,8 @@ function machine(over: Partial<HandshakeHost> = {}): Handshake {
     shuttingDown: false,
     findExport: (name) => exports.find((e) => e.name === name),
     listExports: () => exports,
+    tlsMode: 'off',
+    access: () => 'ok',
     ...over,
   });
   assert.equal(hs.clientFlags(NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE | NBD_CLIENT_FLAG.NBD_FLAG_C_NO_ZEROES).kind, 'continue');
@@ -57,7 +59,7 @@ const none = Buffer.alloc(0);
 
 describe('client flags', () => {
   test('unknown client flags hang up; plain newstyle (no FIXED_NEWSTYLE) is served', () => {
-    const hs = new Handshake({ maxPayload: MAX_PAYLOAD, shuttingDown: false, findExport: () => undefined, listExports: () => [] });
+    const hs = new Handshake({ maxPayload: MAX_PAYLOAD, shuttingDown: false, findExport: () => undefined, listExports: () => [], tlsMode: 'off', access: () => 'ok' });
     assert.equal(hs.clientFlags(1 << 5).kind, 'hangUp');
     assert.equal(hs.clientFlags(0).kind, 'continue');
   });
@@ -121,7 +123,7 @@ describe('INFO and GO', () => {
     assert.equal(step.replies.length, 1);
     assert.equal(step.replies[0]!.length, EXPORT_NAME_REPLY);
     assert.equal(step.outcome.kind, 'transmission');
-    const zeroes = new Handshake({ maxPayload: MAX_PAYLOAD, shuttingDown: false, findExport: () => disk, listExports: () => [] });
+    const zeroes = new Handshake({ maxPayload: MAX_PAYLOAD, shuttingDown: false, findExport: () => disk, listExports: () => [], tlsMode: 'off', access: () => 'ok' });
     zeroes.clientFlags(NBD_CLIENT_FLAG.NBD_FLAG_C_FIXED_NEWSTYLE);
     assert.equal(zeroes.option(O.NBD_OPT_EXPORT_NAME, Buffer.from('disk')).replies[0]!.length, EXPORT_NAME_REPLY + EXPORT_NAME_ZEROES);
   });

@@ -1,0 +1,86 @@
+/**
+ * Per-export access rules of the NBD server: which clients may open an export, by
+ * address (src/io/address-rules.ts), by TLS (`tls: 'require'` serves it only over
+ * TLS), and by TLS identity (PSK identities, certificate subjects). The handshake asks
+ * {@link ExportPolicy.access} for each option naming the export; a client the rules
+ * refuse does not see the export in LIST and gets NBD_REP_ERR_POLICY (or
+ * NBD_REP_ERR_TLS_REQD before TLS) for it.
+ */
+import { BlockError } from '../errors/index.js';
+import { AddressRules, type AddressRuleSpec } from '../io/address-rules.js';
+import type { ExportAccess } from './handshake.js';
+import type { TlsPeer } from './tls.js';
+
+/** A client as the access rules see it. */
+export interface Client {
+  /** The remote IP address; undefined on a unix socket. */
+  readonly address?: string | undefined;
+  /** A unix peer's uid (SO_PEERCRED), when read. */
+  readonly uid?: number | undefined;
+  /** The TLS session, once STARTTLS succeeded; null in clear. */
+  readonly tls: TlsPeer | null;
+}
+
+/** An export's access rules as configured. */
+export interface ExportPolicySpec extends AddressRuleSpec {
+  /** 'require': served only over TLS (hidden from clients in clear). */
+  readonly tls?: 'require' | undefined;
+  /** PSK identities allowed (implies TLS). */
+  readonly pskIdentities?: readonly string[] | undefined;
+  /**
+   * Certificate subjects allowed (implies TLS and a verified client certificate). A rule
+   * such as `CN=alice` or `O=example,CN=alice` matches a subject containing each of its
+   * `KEY=VALUE` parts.
+   */
+  readonly subjects?: readonly string[] | undefined;
+}
+
+/** Splits `O=example,CN=alice` into its parts (values may not contain ','). */
+function subjectParts(s: string): string[] {
+  return s.split(',').map((p) => p.trim()).filter((p) => p !== '');
+}
+
+export class ExportPolicy {
+  readonly #rules: AddressRules | null;
+  readonly #tls: boolean;
+  readonly #identities: ReadonlySet<string> | null;
+  readonly #subjects: readonly (readonly string[])[] | null;
+
+  /** Parses the rules; throws EINVAL naming `where` and the bad entry. */
+  constructor(spec: ExportPolicySpec, where = 'export') {
+    const rules = new AddressRules(spec, where);
+    this.#rules = rules.empty ? null : rules;
+    this.#identities = spec.pskIdentities && spec.pskIdentities.length > 0 ? new Set(spec.pskIdentities) : null;
+    this.#subjects = spec.subjects && spec.subjects.length > 0 ? spec.subjects.map(subjectParts) : null;
+    this.#subjects?.forEach((parts, i) => {
+      if (parts.length === 0 || parts.some((p) => !/^[A-Za-z][A-Za-z0-9.]*=./.test(p))) {
+        throw new BlockError('EINVAL', `${where}.subjects[${i}]: expected KEY=VALUE parts such as CN=alice, got '${spec.subjects![i]}'`);
+      }
+    });
+    this.#tls = spec.tls === 'require' || this.#identities !== null || this.#subjects !== null;
+  }
+
+  /** True if a uid rule is configured (unix peers' credentials must be read). */
+  get usesUids(): boolean {
+    return this.#rules?.usesUids ?? false;
+  }
+
+  /** True if the export is served only over TLS. */
+  get tlsOnly(): boolean {
+    return this.#tls;
+  }
+
+  access(client: Client): ExportAccess {
+    if (this.#rules && !this.#rules.admits(client)) return 'denied';
+    if (!this.#tls) return 'ok';
+    const t = client.tls;
+    if (t === null) return 'tls';
+    if (this.#identities === null && this.#subjects === null) return 'ok';
+    if (this.#identities && t.pskIdentity !== undefined && this.#identities.has(t.pskIdentity)) return 'ok';
+    if (this.#subjects && t.subject !== undefined) {
+      const have = new Set(subjectParts(t.subject));
+      if (this.#subjects.some((parts) => parts.every((p) => have.has(p)))) return 'ok';
+    }
+    return 'denied';
+  }
+}
