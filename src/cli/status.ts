@@ -33,7 +33,7 @@ export function formatStatus(r: StatusReport): string {
     out.push(`  ${errseqText(e.errseq)}`);
     if (e.sessions.length === 0) out.push('  no sessions');
     for (const s of e.sessions) {
-      out.push(`  session ${s.id} (${s.peer}): ${s.errorPending ? 'ERROR PENDING (its next flush reports it)' : 'no error pending'}`);
+      out.push(`  session ${s.id} (${s.peer}${s.security ? `, ${s.security}` : ''}): ${s.errorPending ? 'ERROR PENDING (its next flush reports it)' : 'no error pending'}`);
     }
   }
   if (r.gates.length === 0) out.push('no gates');

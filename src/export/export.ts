@@ -52,6 +52,8 @@ export interface ExportOptions {
 export interface SessionStatus {
   readonly id: number;
   readonly peer: string;
+  /** How the session is secured, e.g. `TLSv1.3 TLS_AES_128_GCM_SHA256 psk=alice`; null in clear. */
+  readonly security: string | null;
   /** True if this session's next FLUSH would report a write-back error. */
   readonly errorPending: boolean;
 }
@@ -61,6 +63,8 @@ export interface ExportSession {
   readonly id: number;
   readonly peer: string;
   readonly cursor: number;
+  /** See {@link SessionStatus.security}; absent for a protocol without encryption. */
+  readonly security?: string | null;
 }
 
 /**
@@ -110,6 +114,7 @@ export class Export {
     return [...this.#sessions].map((s) => ({
       id: s.id,
       peer: s.peer,
+      security: s.security ?? null,
       errorPending: this.errseq.check(s.cursor) !== 0,
     }));
   }

@@ -259,6 +259,14 @@ export class NbdSession implements ExportSession {
     return { address: this.#address, uid: this.#uid, tls: this.#tlsPeer };
   }
 
+  /** For status: the TLS protocol, suite and client identity; null in clear. */
+  get security(): string | null {
+    const t = this.#tlsPeer;
+    if (t === null) return null;
+    const who = t.pskIdentity !== undefined ? ` psk=${t.pskIdentity}` : t.subject !== undefined ? ` subject=${t.subject}` : '';
+    return `${t.protocol} ${t.cipher}${who}`;
+  }
+
   /** What TLS agreed (protocol, suite, PSK identity or certificate subject); null in clear. */
   get tls(): TlsPeer | null {
     return this.#tlsPeer;
