@@ -84,13 +84,30 @@ interface ServeFlags {
 /** Collects a repeatable option's values. */
 const collect = (v: string, prev: string[] | undefined): string[] => [...(prev ?? []), v];
 
-/** An NBD URI for an address and export name (doc/uri.md); `nbds` when the listener requires TLS. */
-export function nbdUri(addr: ListenAddress, exportName: string, tls: TlsMode = 'off'): string {
+/** What a URI says about TLS: the mode, and for a PSK listener the key file and (if only one) its identity. */
+export interface UriTls {
+  readonly mode: TlsMode;
+  readonly pskFile?: string | undefined;
+  readonly pskIdentity?: string | undefined;
+}
+
+/**
+ * An NBD URI for an address and export name (doc/uri.md). On a listener that requires
+ * TLS it is `nbds`; with a PSK file it names the file (`tls-psk-file`, an absolute path)
+ * and the identity when the file has only one, so that the printed URI works as is.
+ */
+export function nbdUri(addr: ListenAddress, exportName: string, tls: UriTls = { mode: 'off' }): string {
   const name = encodeURIComponent(exportName).replace(/%2F/g, '/');
-  const scheme = tls === 'require' ? 'nbds' : 'nbd';
-  if ('path' in addr) return `${scheme}+unix:///${name}?socket=${encodeURIComponent(addr.path)}`;
+  const secure = tls.mode === 'require';
+  const scheme = secure ? 'nbds' : 'nbd';
+  const user = secure && tls.pskIdentity !== undefined ? `${encodeURIComponent(tls.pskIdentity)}@` : '';
+  const query: string[] = [];
+  if ('path' in addr) query.push(`socket=${encodeURIComponent(addr.path)}`);
+  if (secure && tls.pskFile !== undefined) query.push(`tls-psk-file=${encodeURIComponent(path.resolve(tls.pskFile))}`);
+  const q = query.length > 0 ? `?${query.join('&')}` : '';
+  if ('path' in addr) return `${scheme}+unix://${user}/${name}${q}`;
   const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
-  return `${scheme}://${host}:${addr.port}/${name}`;
+  return `${scheme}://${user}${host}:${addr.port}/${name}${q}`;
 }
 
 /**
@@ -230,12 +247,18 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   } else {
     listen.push(...configured);
   }
-  const bound: { addr: ListenAddress; tls: TlsMode }[] = [];
+  const bound: { addr: ListenAddress; tls: UriTls }[] = [];
   for (const l of listen) {
     const opts = listenerOptions(l);
-    bound.push({ addr: await server.listen(listenAddress(l), opts), tls: opts.tls?.mode ?? 'off' });
+    const keys = opts.tls?.pskKeys;
+    const uriTls: UriTls = {
+      mode: opts.tls?.mode ?? 'off',
+      pskFile: l.tlsPsk,
+      pskIdentity: keys && keys.size === 1 ? [...keys.keys()][0] : undefined,
+    };
+    bound.push({ addr: await server.listen(listenAddress(l), opts), tls: uriTls });
   }
-  for (const b of bound) log.info({ uri: nbdUri(b.addr, defaultName, b.tls), tls: b.tls, exports: exports.map((e) => e.name) }, 'listening');
+  for (const b of bound) log.info({ uri: nbdUri(b.addr, defaultName, b.tls), tls: b.tls.mode, exports: exports.map((e) => e.name) }, 'listening');
   const missing = missingV8Flags();
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
