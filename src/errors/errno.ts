@@ -39,6 +39,7 @@ export const ERRNO = {
   ERANGE: { linux: 34, freebsd: 34, message: 'Result too large' },
   ENAMETOOLONG: { linux: 36, freebsd: 63, message: 'File name too long' },
   ENOSYS: { linux: 38, freebsd: 78, message: 'Function not implemented' },
+  EPROTO: { linux: 71, freebsd: 92, message: 'Protocol error' },
   EOVERFLOW: { linux: 75, freebsd: 84, message: 'Value too large to be stored in data type' },
   EOPNOTSUPP: { linux: 95, freebsd: 45, message: 'Operation not supported' },
   ECONNRESET: { linux: 104, freebsd: 54, message: 'Connection reset by peer' },
