@@ -35,7 +35,7 @@ export interface ExportPolicySpec extends AddressRuleSpec {
   readonly subjects?: readonly string[] | undefined;
 }
 
-/** Splits `O=example,CN=alice` into its parts (values may not contain ','). */
+/** Splits a rule such as `O=example,CN=alice` into its parts (a rule's values cannot contain ','). */
 function subjectParts(s: string): string[] {
   return s.split(',').map((p) => p.trim()).filter((p) => p !== '');
 }
@@ -44,19 +44,24 @@ export class ExportPolicy {
   readonly #rules: AddressRules | null;
   readonly #tls: boolean;
   readonly #identities: ReadonlySet<string> | null;
-  readonly #subjects: readonly (readonly string[])[] | null;
+  /** Each rule as its KEY=VALUE parts, split at the first '='. */
+  readonly #subjects: readonly (readonly (readonly [string, string])[])[] | null;
 
   /** Parses the rules; throws EINVAL naming `where` and the bad entry. */
   constructor(spec: ExportPolicySpec, where = 'export') {
     const rules = new AddressRules(spec, where);
     this.#rules = rules.empty ? null : rules;
     this.#identities = spec.pskIdentities && spec.pskIdentities.length > 0 ? new Set(spec.pskIdentities) : null;
-    this.#subjects = spec.subjects && spec.subjects.length > 0 ? spec.subjects.map(subjectParts) : null;
-    this.#subjects?.forEach((parts, i) => {
-      if (parts.length === 0 || parts.some((p) => !/^[A-Za-z][A-Za-z0-9.]*=./.test(p))) {
-        throw new BlockError('EINVAL', `${where}.subjects[${i}]: expected KEY=VALUE parts such as CN=alice, got '${spec.subjects![i]}'`);
-      }
-    });
+    this.#subjects =
+      spec.subjects && spec.subjects.length > 0
+        ? spec.subjects.map((rule, i) => {
+            const parts = subjectParts(rule);
+            if (parts.length === 0 || parts.some((p) => !/^[A-Za-z][A-Za-z0-9.]*=./.test(p))) {
+              throw new BlockError('EINVAL', `${where}.subjects[${i}]: expected KEY=VALUE parts such as CN=alice, got '${rule}'`);
+            }
+            return parts.map((p) => [p.slice(0, p.indexOf('=')), p.slice(p.indexOf('=') + 1)] as const);
+          })
+        : null;
     this.#tls = spec.tls === 'require' || this.#identities !== null || this.#subjects !== null;
   }
 
@@ -77,9 +82,10 @@ export class ExportPolicy {
     if (t === null) return 'tls';
     if (this.#identities === null && this.#subjects === null) return 'ok';
     if (this.#identities && t.pskIdentity !== undefined && this.#identities.has(t.pskIdentity)) return 'ok';
-    if (this.#subjects && t.subject !== undefined) {
-      const have = new Set(subjectParts(t.subject));
-      if (this.#subjects.some((parts) => parts.every((p) => have.has(p)))) return 'ok';
+    const fields = t.subjectFields;
+    if (this.#subjects && fields !== undefined) {
+      // Field by field, on the parsed certificate: a value is compared whole, commas and all.
+      if (this.#subjects.some((parts) => parts.every(([k, v]) => fields.get(k)?.includes(v) === true))) return 'ok';
     }
     return 'denied';
   }

@@ -87,6 +87,8 @@ export type HandshakeOutcome =
 export interface HandshakeStep {
   readonly replies: readonly Buffer[];
   readonly outcome: HandshakeOutcome;
+  /** A refusal worth a log line (TLS required, not allowed), or null. */
+  readonly refused: string | null;
 }
 
 const CONTINUE: HandshakeOutcome = { kind: 'continue' };
@@ -102,6 +104,8 @@ export class Handshake {
   #metaExport: string | null = null;
   /** Replies of the option being handled. */
   #out: Buffer[] = [];
+  /** Why the option being handled was refused by policy, for the log. */
+  #refused: string | null = null;
 
   constructor(host: HandshakeHost) {
     this.#host = host;
@@ -156,11 +160,16 @@ export class Handshake {
 
   #step(outcome: HandshakeOutcome): HandshakeStep {
     const replies = this.#out;
+    const refused = this.#refused;
     this.#out = [];
-    return { replies, outcome };
+    this.#refused = null;
+    return { replies, outcome, refused };
   }
 
   #reply(option: number, type: number, data?: Buffer | string): HandshakeOutcome {
+    if ((type === NBD_REP.NBD_REP_ERR_TLS_REQD || type === NBD_REP.NBD_REP_ERR_POLICY) && typeof data === 'string') {
+      this.#refused = `${optionName(option)} refused: ${data}`;
+    }
     this.#out.push(encodeOptionReply(option, type, data));
     return CONTINUE;
   }

@@ -43,7 +43,7 @@ import {
 import type { Export, ExportSession } from '../export/export.js';
 import type { RequestErrorLog } from '../export/error-log.js';
 import { Handshake, type ExportAccess, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
-import { describeTlsPeer, TLS_OFF, upgradeToTls, type ServerTls, type TlsPeer } from './tls.js';
+import { describeTlsPeer, peerVerifyError, TLS_OFF, upgradeToTls, type ServerTls, type TlsPeer } from './tls.js';
 import type { Client } from './access.js';
 import { replyWriter, type ReplyWriter } from './replies.js';
 import { RequestRunner, WireError, type Payload, type Reply } from './execute.js';
@@ -492,6 +492,8 @@ export class NbdSession implements ExportSession {
 
   /** Sends a handshake step's replies, then acts on its outcome. */
   #onStep(step: HandshakeStep): void {
+    // Bounded by maxOptions per connection, so a client cannot flood the log.
+    if (step.refused !== null) this.#log.info(step.refused);
     if (!this.#closed) for (const r of step.replies) this.#socket.write(r);
     this.#onOutcome(step.outcome);
   }
@@ -551,6 +553,14 @@ export class NbdSession implements ExportSession {
 
   #onSecure(secure: TLSSocket): void {
     if (this.#closed) return;
+    if (this.#tlsConfig.verifyPeer && this.#tlsConfig.pskKeys.size === 0) {
+      const why = peerVerifyError(secure);
+      if (why !== null) {
+        this.#log.info({ reason: why }, 'TLS client certificate rejected, closing');
+        secure.destroy();
+        return;
+      }
+    }
     this.#tlsPeer = describeTlsPeer(secure);
     this.#handshake.tlsEstablished();
     const t = this.#tlsPeer;

@@ -88,8 +88,14 @@ export interface TlsPeer {
   readonly cipher: string;
   /** The PSK identity the client authenticated with, if PSK. */
   readonly pskIdentity?: string | undefined;
-  /** The client certificate's subject as `CN=...,O=...` (verified against the CA), if one was sent. */
+  /** The client certificate's subject as `CN=...,O=...` (verified against the CA), if one was sent: for logs and status only. */
   readonly subject?: string | undefined;
+  /**
+   * The same subject as parsed fields (`CN` -> ['alice']): what access rules match
+   * against. Never the string above, in which a `,` inside a value (a CN of
+   * `mallory,CN=alice`) would read as a field of its own.
+   */
+  readonly subjectFields?: ReadonlyMap<string, readonly string[]> | undefined;
 }
 
 /** The TLS-off configuration. */
@@ -104,7 +110,7 @@ export function parsePskFile(text: string, source = 'PSK file'): Map<string, Buf
   const lines = text.split('\n');
   lines.forEach((raw, i) => {
     const line = raw.replace(/\r$/, '');
-    if (line.trim() === '' || line.startsWith('#')) return;
+    if (line.trim() === '' || line.trimStart().startsWith('#')) return;
     const where = `${source} line ${i + 1}`;
     const colon = line.lastIndexOf(':');
     if (colon <= 0) throw new BlockError('EINVAL', `${where}: expected identity:hexkey`);
@@ -150,7 +156,7 @@ function readCredential(file: string, what: string, limit = MAX_PSK_FILE_BYTES):
 export function loadTls(opts: TlsOptions): ServerTls {
   const mode = opts.mode;
   if (mode === 'off') {
-    if (opts.certificates !== undefined || opts.psk !== undefined) {
+    if (opts.certificates !== undefined || opts.psk !== undefined || opts.verifyPeer) {
       throw new BlockError('EINVAL', 'TLS credentials were given with --tls off; use --tls on or --tls require');
     }
     return TLS_OFF;
@@ -216,6 +222,23 @@ export function upgradeToTls(socket: Socket, config: ServerTls): tls.TLSSocket {
   return new tls.TLSSocket(socket, config.socketOptions);
 }
 
+/**
+ * Why the client's certificate failed verification, or null if it passed; for sockets
+ * of a listener with verifyPeer. Node checks the result of OpenSSL's verification only
+ * for sockets a `tls.Server` accepted: on a TLSSocket built around an existing socket
+ * (ours, after STARTTLS) OpenSSL refuses a client with no certificate, but an expired one
+ * or one from another CA completes the handshake with the failure merely recorded. This
+ * reads that record the way Node's own server does, through the undocumented
+ * `_handle.verifyError()`; if it is not there (a future Node), every certificate is
+ * refused (fail closed) rather than every one accepted.
+ */
+export function peerVerifyError(socket: tls.TLSSocket): string | null {
+  const handle = (socket as unknown as { _handle?: { verifyError?: () => (Error & { code?: string }) | null } })._handle;
+  if (!handle || typeof handle.verifyError !== 'function') return 'UNABLE_TO_CHECK_CERTIFICATE (this Node has no verifyError)';
+  const e = handle.verifyError();
+  return e ? (e.code ?? e.message) : null;
+}
+
 /** The PSK identity each TLS socket authenticated with (set by the PSK callback, which has no other way to tell). */
 const pskIdentities = new WeakMap<tls.TLSSocket, string>();
 
@@ -225,12 +248,24 @@ export function describeTlsPeer(socket: tls.TLSSocket): TlsPeer {
   const cipher = socket.getCipher();
   const cert = socket.getPeerCertificate();
   const subject = cert && cert.subject ? formatSubject(cert.subject) : undefined;
+  const subjectFields = cert && cert.subject ? subjectFieldsOf(cert.subject) : undefined;
   return {
     protocol: socket.getProtocol() ?? 'unknown',
     cipher: cipher.name,
     ...(pskIdentity !== undefined ? { pskIdentity } : {}),
     ...(subject ? { subject } : {}),
+    ...(subjectFields ? { subjectFields } : {}),
   };
+}
+
+/** Node's parsed subject as a map of field name to values (a field may repeat). */
+export function subjectFieldsOf(subject: Record<string, string | string[] | undefined>): Map<string, string[]> {
+  const m = new Map<string, string[]>();
+  for (const [k, v] of Object.entries(subject)) {
+    if (v === undefined) continue;
+    m.set(k, Array.isArray(v) ? [...v] : [v]);
+  }
+  return m;
 }
 
 /** `CN=alice,O=example` from Node's parsed subject (multi-valued fields joined with '+'). */

@@ -264,8 +264,19 @@ describe('PSK: serve --tls require --tls-psk keys.psk disk.img (the README examp
     assert.equal(r.stdout.trim(), String(16 * MiB));
   };
 
-  test('--print-uri says nbds://', () => {
-    assert.equal(srv.uri, `nbds://127.0.0.1:${srv.port}/`);
+  test('--print-uri says nbds:// with the key file (no identity: the file has two)', () => {
+    assert.equal(srv.uri, `nbds://127.0.0.1:${srv.port}/?tls-psk-file=${encodeURIComponent(creds.psk.server)}`);
+  });
+
+  test('with a one-identity key file, the printed URI works as is with nbdinfo', TEST, async () => {
+    const one = await serve(['-a', '127.0.0.1', '-p', '0', '--tls-psk', creds.psk.alice, 'memory:1M']);
+    try {
+      assert.equal(one.uri, `nbds://alice@127.0.0.1:${one.port}/?tls-psk-file=${encodeURIComponent(creds.psk.alice)}`);
+      const r = await runOk('nbdinfo', ['--size', one.uri]);
+      assert.equal(r.stdout.trim(), String(MiB));
+    } finally {
+      await stop(one);
+    }
   });
 
   test('nbdinfo nbds://alice@127.0.0.1:PORT/?tls-psk-file=...: TLS, the file export; the log has identity, protocol and suite', TEST, async (t) => {

@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { BlockError } from '../../src/errors/index.js';
-import { formatSubject, loadTls, parsePskFile, TLS_FILES, TLS_OFF, type TlsPeer } from '../../src/nbd/tls.js';
+import { formatSubject, loadTls, subjectFieldsOf, parsePskFile, TLS_FILES, TLS_OFF, type TlsPeer } from '../../src/nbd/tls.js';
 import { ExportPolicy } from '../../src/nbd/access.js';
 import { parseConfig } from '../../src/cli/config.js';
 
@@ -205,7 +205,13 @@ describe('loadTls', () => {
 
 describe('ExportPolicy', () => {
   const psk = (pskIdentity: string): TlsPeer => ({ protocol: 'TLSv1.3', cipher: 'TLS_AES_128_GCM_SHA256', pskIdentity });
-  const cert = (subject: string): TlsPeer => ({ protocol: 'TLSv1.3', cipher: 'TLS_AES_128_GCM_SHA256', subject });
+  /** A verified certificate's peer, from its parsed subject fields (as describeTlsPeer builds it). */
+  const cert = (fields: Record<string, string | string[]>): TlsPeer => ({
+    protocol: 'TLSv1.3',
+    cipher: 'TLS_AES_128_GCM_SHA256',
+    subject: formatSubject(fields),
+    subjectFields: subjectFieldsOf(fields),
+  });
   const clear = { address: '127.0.0.1', tls: null };
 
   test('no rules: everyone, in clear or not', () => {
@@ -220,7 +226,7 @@ describe('ExportPolicy', () => {
     assert.equal(p.tlsOnly, true);
     assert.equal(p.access(clear), 'tls');
     assert.equal(p.access({ ...clear, tls: psk('anyone') }), 'ok');
-    assert.equal(p.access({ ...clear, tls: cert('CN=x') }), 'ok');
+    assert.equal(p.access({ ...clear, tls: cert({ CN: 'x' }) }), 'ok');
   });
 
   test("pskIdentities imply TLS and admit only the listed identities", () => {
@@ -230,23 +236,23 @@ describe('ExportPolicy', () => {
     assert.equal(p.access({ tls: psk('alice') }), 'ok');
     assert.equal(p.access({ tls: psk('carol') }), 'ok');
     assert.equal(p.access({ tls: psk('bob') }), 'denied');
-    assert.equal(p.access({ tls: cert('CN=alice') }), 'denied', 'a certificate is not a PSK identity');
+    assert.equal(p.access({ tls: cert({ CN: 'alice' }) }), 'denied', 'a certificate is not a PSK identity');
   });
 
   test('a subject rule CN=alice matches C=US,O=test,CN=alice and not CN=bob', () => {
     const p = new ExportPolicy({ subjects: ['CN=alice'] });
     assert.equal(p.tlsOnly, true);
     assert.equal(p.access(clear), 'tls');
-    assert.equal(p.access({ tls: cert('C=US,O=test,CN=alice') }), 'ok');
-    assert.equal(p.access({ tls: cert('C=US,O=test,CN=bob') }), 'denied');
-    assert.equal(p.access({ tls: cert('C=US,O=test,CN=alice2') }), 'denied', 'parts match whole, not by prefix');
+    assert.equal(p.access({ tls: cert({ C: 'US', O: 'test', CN: 'alice' }) }), 'ok');
+    assert.equal(p.access({ tls: cert({ C: 'US', O: 'test', CN: 'bob' }) }), 'denied');
+    assert.equal(p.access({ tls: cert({ C: 'US', O: 'test', CN: 'alice2' }) }), 'denied', 'parts match whole, not by prefix');
     assert.equal(p.access({ tls: psk('alice') }), 'denied', 'a PSK identity is not a subject');
   });
 
   test('a subject rule of several parts needs all of them, in any order', () => {
     const p = new ExportPolicy({ subjects: ['O=test, CN=alice'] });
-    assert.equal(p.access({ tls: cert('CN=alice,O=test,C=US') }), 'ok');
-    assert.equal(p.access({ tls: cert('C=US,O=other,CN=alice') }), 'denied');
+    assert.equal(p.access({ tls: cert({ CN: 'alice', O: 'test', C: 'US' }) }), 'ok');
+    assert.equal(p.access({ tls: cert({ C: 'US', O: 'other', CN: 'alice' }) }), 'denied');
   });
 
   test('formatSubject writes KEY=VALUE parts in order, multi-valued ones joined with +', () => {
@@ -255,23 +261,22 @@ describe('ExportPolicy', () => {
   });
 
   test("a subject whose CN value contains ',CN=alice' does not match the rule CN=alice", () => {
-    // DEFECT (kept failing on purpose): the subject string is split on ',' without
-    // regard to commas inside values, so CN='mallory,CN=alice' looks like it has CN=alice.
+    // Rules match the parsed fields: in the subject string a ',' inside a value would
+    // read as a field boundary, so CN='mallory,CN=alice' would look like it had CN=alice.
     const p = new ExportPolicy({ subjects: ['CN=alice'] });
-    const subject = formatSubject({ C: 'US', O: 'test', CN: 'mallory,CN=alice' });
-    assert.equal(p.access({ tls: cert(subject) }), 'denied');
+    assert.equal(p.access({ tls: cert({ C: 'US', O: 'test', CN: 'mallory,CN=alice' }) }), 'denied');
   });
 
   test('any one of several subject rules admits', () => {
     const p = new ExportPolicy({ subjects: ['CN=alice', 'O=ops'] });
-    assert.equal(p.access({ tls: cert('O=ops,CN=dave') }), 'ok');
-    assert.equal(p.access({ tls: cert('O=dev,CN=dave') }), 'denied');
+    assert.equal(p.access({ tls: cert({ O: 'ops', CN: 'dave' }) }), 'ok');
+    assert.equal(p.access({ tls: cert({ O: 'dev', CN: 'dave' }) }), 'denied');
   });
 
   test('pskIdentities and subjects together: either kind admits', () => {
     const p = new ExportPolicy({ pskIdentities: ['alice'], subjects: ['CN=bob'] });
     assert.equal(p.access({ tls: psk('alice') }), 'ok');
-    assert.equal(p.access({ tls: cert('O=x,CN=bob') }), 'ok');
+    assert.equal(p.access({ tls: cert({ O: 'x', CN: 'bob' }) }), 'ok');
     assert.equal(p.access({ tls: psk('bob') }), 'denied');
   });
 

@@ -327,3 +327,14 @@ describe('access is asked each time', () => {
     assert.ok(o.kind === 'transmission' && o.export === secret);
   });
 });
+
+describe('refusals for the log', () => {
+  test('a TLS_REQD or POLICY refusal names the option and the reason; other replies carry none', () => {
+    const forced = machine({ tlsMode: 'require' });
+    assert.equal(forced.option(O.NBD_OPT_LIST, none).refused, 'NBD_OPT_LIST refused: TLS is required: send NBD_OPT_STARTTLS first');
+    const denied = withSecret('denied');
+    assert.equal(denied.option(O.NBD_OPT_GO, encodeInfoRequest('secret', [])).refused, "NBD_OPT_GO refused: export 'secret' is not allowed to this client");
+    assert.equal(denied.option(O.NBD_OPT_LIST, none).refused, null);
+    assert.equal(denied.option(O.NBD_OPT_GO, encodeInfoRequest('nope', [])).refused, null, 'an unknown export is not a policy refusal');
+  });
+});
