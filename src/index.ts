@@ -35,7 +35,15 @@ export * from './nbd/constants.js';
 export { Export, defaultRegistry, createStack } from './export/index.js';
 export type { ExportOptions, SessionStatus } from './export/index.js';
 export { NbdServer, NbdSession, DEFAULT_LIMITS } from './nbd/index.js';
-export type { ServerLimits, NbdServerOptions, ListenAddress } from './nbd/index.js';
+export type { ServerLimits, NbdServerOptions, ListenAddress, ListenerOptions } from './nbd/index.js';
+export { loadTls, parsePskFile, TLS_MODES } from './nbd/tls.js';
+export type { TlsMode, TlsOptions, ServerTls, TlsPeer } from './nbd/tls.js';
+export type { ExportPolicySpec } from './nbd/access.js';
+export type { AddressRuleSpec } from './io/address-rules.js';
+export { NbdClient, CLIENT_DEFAULTS } from './nbd/client.js';
+export type { NbdClientOptions, CallOptions, Extent as NbdExtent, ClientTls, NegotiatedExport } from './nbd/client.js';
+export { parseNbdUri, formatNbdUri } from './nbd/uri.js';
+export type { NbdUri, NbdTransport } from './nbd/uri.js';
 export * from './gate/index.js';
 export * from './ggate/index.js';
 export {
