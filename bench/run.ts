@@ -454,6 +454,7 @@ async function main(): Promise<void> {
   const started = Date.now();
   const results: ServerResult[] = [];
   let current: Running | null = null;
+  let fioShim: string | null = null;
   const cleanup = () => {
     current?.child.kill('SIGKILL');
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -469,6 +470,7 @@ async function main(): Promise<void> {
     const pskFile = path.join(tmp, 'bench.psk');
     fs.writeFileSync(pskFile, `bench:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
     const tlsSetup: TlsSetup = { pskFile, fioPreload: mode.servers.some(isTls) ? await buildFioShim(tmp) : null };
+    fioShim = tlsSetup.fioPreload;
     for (const kind of mode.servers) {
       fs.copyFileSync(data, fileExport);
       const srv = await startServer(kind, mode.size, fileExport, tlsSetup);
@@ -524,7 +526,7 @@ async function main(): Promise<void> {
         sizeBytes: mode.size,
         runs: mode.runs,
         clkTck,
-        tls: { psk: 'identity bench, 32-byte key', fioShim: mode.servers.some(isTls) ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
+        tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
       },
       null,
