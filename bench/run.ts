@@ -5,12 +5,21 @@
  *   npm run bench                 # full mode: 4 GiB exports, 3 runs per figure (< 20 min)
  *   npm run bench -- --quick      # 512 MiB, 1 run, short fio runs (< 3 min)
  *   npm run bench -- --ci         # regression guard: blockgate vs nbdkit memory only (< 1 min)
+ *   npm run bench -- --servers a,b  # only these server kinds (of the mode's), e.g. blockgate-memory,blockgate-memory-tls
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
+ *
+ * The `-tls` kinds serve the memory export with TLS required and a pre-shared key the
+ * bench writes (psktool's `identity:hexkey` format, identity `bench`); clients connect
+ * with `nbds://bench@127.0.0.1:PORT/?tls-psk-file=FILE`. libnbd refuses a URI that names
+ * a local file unless the program calls nbd_set_uri_allow_local_file, which nbdcopy does
+ * and fio 3.33's nbd engine does not, so fio runs with a small LD_PRELOAD shim (built
+ * here with cc) that makes that call before nbd_connect_uri.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -30,9 +39,20 @@ interface Mode {
   readonly fioSeconds: number;
   readonly servers: readonly ServerKind[];
   readonly workloads: readonly Workload[];
+  /** The workloads of the TLS kinds (a subset of `workloads`). */
+  readonly tlsWorkloads: readonly Workload[];
 }
 
-type ServerKind = 'blockgate-memory' | 'blockgate-file' | 'nbdkit-memory' | 'nbdkit-file' | 'nbdkit-null' | 'qemu-nbd-file' | 'node-floor';
+type ServerKind =
+  | 'blockgate-memory'
+  | 'blockgate-memory-tls'
+  | 'blockgate-file'
+  | 'nbdkit-memory'
+  | 'nbdkit-memory-tls'
+  | 'nbdkit-file'
+  | 'nbdkit-null'
+  | 'qemu-nbd-file'
+  | 'node-floor';
 type Workload =
   | 'seq-read-c1'
   | 'seq-read-c4'
@@ -56,6 +76,9 @@ const ALL_WORKLOADS: readonly Workload[] = [
 const ALL_SERVERS: readonly ServerKind[] = [
   'blockgate-memory',
   'nbdkit-memory',
+  // TLS 1.3 with a pre-shared key (the same memory export), next to the plain ones.
+  'blockgate-memory-tls',
+  'nbdkit-memory-tls',
   'blockgate-file',
   'nbdkit-file',
   'qemu-nbd-file',
@@ -64,18 +87,32 @@ const ALL_SERVERS: readonly ServerKind[] = [
   'node-floor',
 ];
 
+const TLS_WORKLOADS: readonly Workload[] = ['seq-read-c1', 'seq-write-c1', 'rand-read-qd32', 'rand-write-qd32'];
+
 const MODES: Record<Mode['name'], Mode> = {
-  full: { name: 'full', size: 4 * 2 ** 30, runs: 3, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS },
-  quick: { name: 'quick', size: 512 * 2 ** 20, runs: 1, fioSeconds: 2, servers: ALL_SERVERS, workloads: ALL_WORKLOADS },
+  full: { name: 'full', size: 4 * 2 ** 30, runs: 3, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS },
+  quick: { name: 'quick', size: 512 * 2 ** 20, runs: 1, fioSeconds: 2, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS },
   ci: {
     name: 'ci',
     size: 256 * 2 ** 20,
     runs: 1,
     fioSeconds: 2,
-    servers: ['blockgate-memory', 'nbdkit-memory'],
+    servers: ['blockgate-memory', 'nbdkit-memory', 'blockgate-memory-tls', 'nbdkit-memory-tls'],
     workloads: ['seq-read-c1', 'seq-write-c1', 'rand-read-qd32', 'rand-write-qd32'],
+    // One short TLS row (a 256 MiB read each), so that the guard stays under a minute.
+    tlsWorkloads: ['seq-read-c1'],
   },
 };
+
+const isTls = (k: ServerKind): boolean => k.endsWith('-tls');
+const isMemory = (k: ServerKind): boolean => k.includes('-memory');
+const workloadsOf = (k: ServerKind, mode: Mode): readonly Workload[] => (isTls(k) ? mode.tlsWorkloads : mode.workloads);
+
+/** What the TLS kinds need: the PSK file, and the fio shim (null when it could not be built). */
+interface TlsSetup {
+  readonly pskFile: string;
+  readonly fioPreload: string | null;
+}
 
 /** One measurement. */
 interface Sample {
@@ -157,12 +194,39 @@ async function waitForPort(port: number, child: ChildProcess, timeoutMs = 30_000
   throw new Error(`port ${port} did not open`);
 }
 
-/** CPU seconds (user + system) of a process and its threads, from /proc. */
+/** Clock ticks per second of /proc's times (`getconf CLK_TCK`; set in main). */
+let clkTck = 100;
+
+/** CPU seconds (user + system: utime and stime of /proc/PID/stat) of a process and all its threads. */
 function cpuSeconds(pid: number): number {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after "pid (comm) ": state is [0], utime [11], stime [12] (proc(5) fields 14 and 15).
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   const ticks = Number(fields[11]) + Number(fields[12]);
-  return ticks / 100; // USER_HZ is 100 on Linux
+  return ticks / clkTck;
+}
+
+/** A process's command name (/proc/PID/comm). */
+function comm(pid: number): string {
+  return fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+}
+
+/**
+ * The PID whose CPU and memory are the server's: the child itself when it is the server
+ * (blockgate, nbdkit -f, qemu-nbd and node-floor run in the process spawned), else the
+ * first descendant named `name` (a wrapper such as sh or a tsx CLI would fork it).
+ */
+function serverPid(child: number, name: string): number {
+  const queue = [child];
+  while (queue.length > 0) {
+    const pid = queue.shift()!;
+    if (comm(pid) === name) return pid;
+    for (const task of fs.readdirSync(`/proc/${pid}/task`)) {
+      const kids = fs.readFileSync(`/proc/${pid}/task/${task}/children`, 'utf8').trim();
+      if (kids) queue.push(...kids.split(' ').map(Number));
+    }
+  }
+  throw new Error(`no process named ${name} under PID ${child} (${comm(child)})`);
 }
 
 /** Resident and peak resident memory of a process, MiB. */
@@ -175,20 +239,27 @@ function memory(pid: number): { rss: number; hwm: number } {
 interface Running {
   readonly kind: ServerKind;
   readonly child: ChildProcess;
+  /** The server process measured (see serverPid). */
+  readonly pid: number;
   readonly uri: string;
   readonly canWrite: boolean;
 }
 
-async function startServer(kind: ServerKind, size: number, file: string): Promise<Running> {
+async function startServer(kind: ServerKind, size: number, file: string, tlsSetup: TlsSetup): Promise<Running> {
   const port = await freePort();
-  const uri = `nbd://127.0.0.1:${port}/`;
+  const psk = tlsSetup.pskFile;
+  // The PSK path is the bench's own (mkdtemp under /dev/shm): nothing in it needs escaping.
+  const uri = isTls(kind) ? `nbds://bench@127.0.0.1:${port}/?tls-psk-file=${psk}` : `nbd://127.0.0.1:${port}/`;
   let cmd: string;
   let args: string[];
+  let name: string;
   const env: NodeJS.ProcessEnv = { ...process.env, PATH };
   switch (kind) {
     case 'blockgate-memory':
+    case 'blockgate-memory-tls':
     case 'blockgate-file':
       cmd = process.execPath;
+      name = 'node';
       // As the `blockgate` command starts (its shebang carries V8_FLAGS).
       args = [
         ...V8_FLAGS,
@@ -198,28 +269,37 @@ async function startServer(kind: ServerKind, size: number, file: string): Promis
         String(port),
         '-l',
         'warn',
-        kind === 'blockgate-memory' ? `memory:${size}` : `file:${file}`,
+        ...(kind === 'blockgate-memory-tls' ? ['--tls', 'require', '--tls-psk', psk] : []),
+        kind === 'blockgate-file' ? `file:${file}` : `memory:${size}`,
       ];
+      // BENCH_SERVER_NODE_OPTIONS: extra node flags for blockgate only (e.g. --cpu-prof --cpu-prof-dir=DIR).
+      if (process.env.BENCH_SERVER_NODE_OPTIONS) args.unshift(...process.env.BENCH_SERVER_NODE_OPTIONS.split(' ').filter(Boolean));
       env.UV_THREADPOOL_SIZE = env.UV_THREADPOOL_SIZE ?? '4';
       break;
     case 'nbdkit-memory':
+    case 'nbdkit-memory-tls':
       cmd = 'nbdkit';
-      args = ['-f', '-i', '127.0.0.1', '-p', String(port), 'memory', `size=${size}`];
+      name = 'nbdkit';
+      args = ['-f', '-i', '127.0.0.1', '-p', String(port), ...(kind === 'nbdkit-memory-tls' ? ['--tls=require', `--tls-psk=${psk}`] : []), 'memory', `size=${size}`];
       break;
     case 'nbdkit-file':
       cmd = 'nbdkit';
+      name = 'nbdkit';
       args = ['-f', '-i', '127.0.0.1', '-p', String(port), 'file', file];
       break;
     case 'nbdkit-null':
       cmd = 'nbdkit';
+      name = 'nbdkit';
       args = ['-f', '-i', '127.0.0.1', '-p', String(port), 'null', `size=${size}`];
       break;
     case 'qemu-nbd-file':
       cmd = 'qemu-nbd';
+      name = 'qemu-nbd';
       args = ['-f', 'raw', '-b', '127.0.0.1', '-p', String(port), '-e', '8', '--cache=writeback', '-t', file];
       break;
     case 'node-floor':
       cmd = process.execPath;
+      name = 'node';
       // With blockgate's V8 flags, so that the two differ only in what the server does.
       args = [...V8_FLAGS, '--import', 'tsx', path.join(ROOT, 'bench/node-floor.ts'), String(port), String(size)];
       break;
@@ -233,7 +313,14 @@ async function startServer(kind: ServerKind, size: number, file: string): Promis
     child.kill('SIGKILL');
     throw new Error(`${kind}: ${(e as Error).message}: ${err}`);
   }
-  return { kind, child, uri, canWrite: true };
+  let pid: number;
+  try {
+    pid = serverPid(child.pid!, name);
+  } catch (e) {
+    child.kill('SIGKILL');
+    throw e;
+  }
+  return { kind, child, pid, uri, canWrite: true };
 }
 
 async function stopServer(r: Running): Promise<void> {
@@ -255,8 +342,8 @@ async function nbdcopy(src: string, dst: string, conns: number): Promise<void> {
   await must('nbdcopy', ['--no-extents', '-C', String(conns), '-R', '16', '--request-size=262144', src, dst], 600_000);
 }
 
-async function measure(srv: Running, w: Workload, mode: Mode, file: string, tmp: string): Promise<Sample> {
-  const pid = srv.child.pid!;
+async function measure(srv: Running, w: Workload, mode: Mode, file: string, tmp: string, tlsSetup: TlsSetup): Promise<Sample> {
+  const pid = srv.pid;
   const cpu0 = cpuSeconds(pid);
   const t0 = process.hrtime.bigint();
   let bytes = mode.size;
@@ -272,7 +359,9 @@ async function measure(srv: Running, w: Workload, mode: Mode, file: string, tmp:
   } else {
     const depth = w.endsWith('qd32') ? 32 : 1;
     const out = path.join(tmp, 'fio.json');
-    await must('fio', [
+    const fio = isTls(srv.kind) ? ['env', `LD_PRELOAD=${tlsSetup.fioPreload!}`, 'fio'] : ['fio'];
+    await must(fio[0]!, [
+      ...fio.slice(1),
       '--name=bench',
       '--ioengine=nbd',
       `--uri=${srv.uri}`,
@@ -305,19 +394,58 @@ interface FioDir {
   clat_ns: { percentile?: Record<string, number> };
 }
 
+/**
+ * An LD_PRELOAD library for fio: fio's nbd engine calls nbd_connect_uri without
+ * nbd_set_uri_allow_local_file, so libnbd refuses `tls-psk-file=` ("local file access
+ * (tls-psk-file) is not allowed"). Null (with a warning) when there is no C compiler.
+ */
+async function buildFioShim(tmp: string): Promise<string | null> {
+  const src = path.join(tmp, 'fio-allow-local-file.c');
+  const so = path.join(tmp, 'fio-allow-local-file.so');
+  fs.writeFileSync(
+    src,
+    `#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdbool.h>
+struct nbd_handle;
+int nbd_connect_uri(struct nbd_handle *h, const char *uri) {
+  int (*real)(struct nbd_handle *, const char *) = (int (*)(struct nbd_handle *, const char *))dlsym(RTLD_NEXT, "nbd_connect_uri");
+  int (*allow)(struct nbd_handle *, bool) = (int (*)(struct nbd_handle *, bool))dlsym(RTLD_NEXT, "nbd_set_uri_allow_local_file");
+  if (allow) allow(h, true);
+  return real(h, uri);
+}
+`,
+  );
+  const r = await sh('cc', ['-shared', '-fPIC', '-O2', '-o', so, src, '-ldl']);
+  if (r.code !== 0) {
+    process.stderr.write(`bench: no fio shim (cc: ${r.stderr.trim() || r.code}); TLS random workloads are skipped\n`);
+    return null;
+  }
+  return so;
+}
+
 function fmt(n: number, digits = 0): string {
   return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
-  const mode = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
+  const base = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
+  const si = argv.indexOf('--servers');
+  let mode: Mode = base;
+  if (si >= 0) {
+    const wanted = (argv[si + 1] ?? '').split(',').filter(Boolean);
+    const unknown = wanted.filter((k) => !ALL_SERVERS.includes(k as ServerKind));
+    if (wanted.length === 0 || unknown.length > 0) throw new Error(`--servers: expected some of ${ALL_SERVERS.join(',')}${unknown.length ? `, not ${unknown.join(',')}` : ''}`);
+    mode = { ...base, servers: ALL_SERVERS.filter((k) => wanted.includes(k)) };
+  }
   const ji = argv.indexOf('--json');
   const jsonOut = ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/latest.json');
   for (const tool of ['nbdkit', 'qemu-nbd', 'nbdcopy', 'fio']) {
     if ((await sh('which', [tool])).code !== 0) throw new Error(`${tool} is not installed (apt-get install nbdkit qemu-utils libnbd-bin fio)`);
   }
   if (!fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) await must('npm', ['run', 'build']);
+  clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
 
   const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
   const tmp = fs.mkdtempSync(path.join(shm, 'blockgate-bench-'));
@@ -326,6 +454,7 @@ async function main(): Promise<void> {
   const started = Date.now();
   const results: ServerResult[] = [];
   let current: Running | null = null;
+  let fioShim: string | null = null;
   const cleanup = () => {
     current?.child.kill('SIGKILL');
     fs.rmSync(tmp, { recursive: true, force: true });
@@ -337,23 +466,29 @@ async function main(): Promise<void> {
   try {
     process.stderr.write(`bench: ${mode.name} mode, ${mode.size / 2 ** 20} MiB exports, ${mode.runs} run(s) per figure\n`);
     await must('sh', ['-c', `head -c ${mode.size} /dev/urandom > '${data}'`], 600_000);
+    // psktool's format (what `psktool -u bench -p FILE` writes): identity:hexkey, 32 random bytes.
+    const pskFile = path.join(tmp, 'bench.psk');
+    fs.writeFileSync(pskFile, `bench:${crypto.randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    const tlsSetup: TlsSetup = { pskFile, fioPreload: mode.servers.some(isTls) ? await buildFioShim(tmp) : null };
+    fioShim = tlsSetup.fioPreload;
     for (const kind of mode.servers) {
       fs.copyFileSync(data, fileExport);
-      const srv = await startServer(kind, mode.size, fileExport);
+      const srv = await startServer(kind, mode.size, fileExport, tlsSetup);
       current = srv;
       try {
         // Fill memory exports with the same data (the first write into fresh memory is slow
         // on these VMs for every server, so it is not timed).
-        if (kind.endsWith('memory')) await nbdcopy(data, srv.uri, 4);
+        if (isMemory(kind)) await nbdcopy(data, srv.uri, 4);
         // One untimed pass each way, so every server is measured warm (JIT compiled,
         // buffers pooled, page cache filled) rather than on its first requests.
-        if (!kind.endsWith('memory')) await nbdcopy(data, srv.uri, 1);
+        if (!isMemory(kind)) await nbdcopy(data, srv.uri, 1);
         await nbdcopy(srv.uri, 'null:', 1);
-        const idle = memory(srv.child.pid!).rss;
+        const idle = memory(srv.pid).rss;
         const figures: Partial<Record<Workload, Figure>> = {};
-        for (const w of mode.workloads) {
+        for (const w of workloadsOf(kind, mode)) {
+          if (isTls(kind) && w.startsWith('rand-') && tlsSetup.fioPreload === null) continue;
           const samples: Sample[] = [];
-          for (let i = 0; i < mode.runs; i++) samples.push(await measure(srv, w, mode, data, tmp));
+          for (let i = 0; i < mode.runs; i++) samples.push(await measure(srv, w, mode, data, tmp, tlsSetup));
           const vals = samples.map((s) => s.value);
           const f: Figure = {
             median: median(vals),
@@ -365,9 +500,9 @@ async function main(): Promise<void> {
               : {}),
           };
           figures[w] = f;
-          process.stderr.write(`  ${kind.padEnd(17)} ${w.padEnd(15)} ${fmt(f.median)} (${fmt(f.min)}-${fmt(f.max)})\n`);
+          process.stderr.write(`  ${kind.padEnd(20)} ${w.padEnd(15)} ${fmt(f.median)} (${fmt(f.min)}-${fmt(f.max)}), ${fmt(f.cpuPerGiB, 2)} CPU s/GiB\n`);
         }
-        const m = memory(srv.child.pid!);
+        const m = memory(srv.pid);
         results.push({ server: kind, idleRssMiB: idle, peakRssMiB: m.hwm, figures });
       } finally {
         await stopServer(srv);
@@ -390,6 +525,8 @@ async function main(): Promise<void> {
         machine: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model, memGiB: Math.round(os.totalmem() / 2 ** 30), node: process.version, kernel: os.release() },
         sizeBytes: mode.size,
         runs: mode.runs,
+        clkTck,
+        tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
       },
       null,
@@ -401,43 +538,63 @@ async function main(): Promise<void> {
 
 const UNITS: Record<string, string> = { seq: 'MiB/s', rand: 'IOPS' };
 
-/** The Markdown table: each figure with min-max, and blockgate / nbdkit ratios of the same backend. */
+/** The ratio columns: numerator and denominator server kinds. */
+const RATIOS: readonly { readonly title: string; readonly a: ServerKind; readonly b: ServerKind }[] = [
+  { title: 'blockgate/nbdkit memory', a: 'blockgate-memory', b: 'nbdkit-memory' },
+  { title: 'blockgate/nbdkit file', a: 'blockgate-file', b: 'nbdkit-file' },
+  { title: 'blockgate-tls/nbdkit-tls', a: 'blockgate-memory-tls', b: 'nbdkit-memory-tls' },
+  { title: 'blockgate TLS/plain', a: 'blockgate-memory-tls', b: 'blockgate-memory' },
+  { title: 'nbdkit TLS/plain', a: 'nbdkit-memory-tls', b: 'nbdkit-memory' },
+];
+
+/**
+ * The Markdown tables: each figure with min-max and the ratios of the same backend
+ * (blockgate / nbdkit, TLS / plain); then each server's CPU seconds per GiB moved, per
+ * workload, with the same ratios.
+ */
 export function renderTable(results: ServerResult[], mode: Mode): string {
   const by = new Map(results.map((r) => [r.server, r]));
+  const ratios = RATIOS.filter((q) => by.has(q.a) && by.has(q.b));
   const lines: string[] = [];
-  lines.push(`| workload | ${results.map((r) => r.server).join(' | ')} | blockgate/nbdkit memory | blockgate/nbdkit file |`);
-  lines.push(`|---|${results.map(() => '---').join('|')}|---|---|`);
-  const ratio = (a?: Figure, b?: Figure, lowerIsBetter = false, key: 'median' | 'p50' = 'median') => {
-    const x = a?.[key];
-    const y = b?.[key];
-    if (!x || !y) return '—';
-    return fmt(lowerIsBetter ? x / y : x / y, 2);
+  const header = (first: string) => {
+    lines.push(`| ${first} | ${results.map((r) => r.server).join(' | ')} | ${ratios.map((q) => q.title).join(' | ')} |`);
+    lines.push(`|---|${results.map(() => '---').join('|')}|${ratios.map(() => '---').join('|')}|`);
   };
+  const ratio = (a: number | undefined, b: number | undefined) => (!a || !b ? '—' : fmt(a / b, 2));
+  const fig = (k: ServerKind, w: Workload) => by.get(k)?.figures[w];
+  const ratioCells = (w: Workload, key: 'median' | 'p50' | 'cpuPerGiB') => ratios.map((q) => ratio(fig(q.a, w)?.[key], fig(q.b, w)?.[key])).join(' | ');
+  header('workload');
   for (const w of mode.workloads) {
     const unit = UNITS[w.split('-')[0]!]!;
     const cells = results.map((r) => {
       const f = r.figures[w];
       return f ? `${fmt(f.median)} (${fmt(f.min)}–${fmt(f.max)})` : '—';
     });
-    lines.push(
-      `| ${w} (${unit}) | ${cells.join(' | ')} | ${ratio(by.get('blockgate-memory')?.figures[w], by.get('nbdkit-memory')?.figures[w])} | ${ratio(by.get('blockgate-file')?.figures[w], by.get('nbdkit-file')?.figures[w])} |`,
-    );
+    lines.push(`| ${w} (${unit}) | ${cells.join(' | ')} | ${ratioCells(w, 'median')} |`);
     if (w.endsWith('qd1')) {
       const lat = results.map((r) => {
         const f = r.figures[w];
         return f?.p50 !== undefined ? `${fmt(f.p50)} / ${fmt(f.p99!)}` : '—';
       });
-      lines.push(
-        `| ${w} p50 / p99 latency (µs) | ${lat.join(' | ')} | ${ratio(by.get('blockgate-memory')?.figures[w], by.get('nbdkit-memory')?.figures[w], true, 'p50')} | ${ratio(by.get('blockgate-file')?.figures[w], by.get('nbdkit-file')?.figures[w], true, 'p50')} |`,
-      );
+      lines.push(`| ${w} p50 / p99 latency (µs) | ${lat.join(' | ')} | ${ratioCells(w, 'p50')} |`);
     }
   }
+  const blank = ratios.map(() => '').join(' | ');
   const cpu = results.map((r) => {
     const fs2 = Object.values(r.figures);
     return fmt(median(fs2.map((f) => f.cpuPerGiB)), 2);
   });
-  lines.push(`| server CPU s per GiB (median of workloads) | ${cpu.join(' | ')} | | |`);
-  lines.push(`| server memory: idle / peak RSS (MiB) | ${results.map((r) => `${fmt(r.idleRssMiB)} / ${fmt(r.peakRssMiB)}`).join(' | ')} | | |`);
+  lines.push(`| server CPU s per GiB (median of its workloads) | ${cpu.join(' | ')} | ${blank} |`);
+  lines.push(`| server memory: idle / peak RSS (MiB) | ${results.map((r) => `${fmt(r.idleRssMiB)} / ${fmt(r.peakRssMiB)}`).join(' | ')} | ${blank} |`);
+  lines.push('');
+  header('server CPU s per GiB moved');
+  for (const w of mode.workloads) {
+    const cells = results.map((r) => {
+      const f = r.figures[w];
+      return f ? fmt(f.cpuPerGiB, 2) : '—';
+    });
+    lines.push(`| ${w} | ${cells.join(' | ')} | ${ratioCells(w, 'cpuPerGiB')} |`);
+  }
   return `${lines.join('\n')}\n`;
 }
 
