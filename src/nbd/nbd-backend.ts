@@ -41,7 +41,8 @@
  * FLUSH covering it): if the remote restarted, that write may be gone. So the device
  * counts such writes (WRITE and WRITE_ZEROES without FUA, since the last FLUSH that
  * covered them), and when it reconnects with any outstanding it records EIO in the
- * export's ErrSeq (`ctx.errseq.set`): every session's next FLUSH reports it, once - the
+ * export's ErrSeq (`ctx.errseq.set`; with `retries: 0`, at the loss, since there will be
+ * no reconnection): every session's next FLUSH reports it, once - the
  * Linux errseq guarantee that an acknowledged write that may not be durable is never
  * silently forgotten. A write acknowledged on a connection that was already replaced
  * (the remote finishing a request during its graceful shutdown) is recorded at once,
@@ -68,6 +69,7 @@ import {
   type StackContext,
 } from '../device/index.js';
 import { MAX_CLIENT_CONNECTIONS, MAX_EFFECT_LENGTH, NbdClient, type NbdClientOptions } from './client.js';
+import { NBD_FLAG } from './constants.js';
 import { formatNbdUri, parseNbdUri, type NbdUri } from './uri.js';
 
 /** The defaults of the `nbd` backend's settings. */
@@ -139,7 +141,8 @@ export class NbdDevice implements BlockDevice {
   readonly size: number;
   readonly capabilities: Capabilities;
   readonly blockSize: BlockSize;
-  readonly nonBlocking = true;
+  /** Every operation waits for the network (BlockDevice.nonBlocking's definition). */
+  readonly nonBlocking = false;
   readonly description: string;
   /** The remote, as shown in messages. */
   readonly remote: string;
@@ -198,7 +201,11 @@ export class NbdDevice implements BlockDevice {
     const preferred = Math.max(512, minimum, bs ? powerOfTwoAtMost(Math.max(1, bs.preferred)) : 4096);
     const maximum = Math.max(preferred, Math.min(bs?.maximum ?? MAX_IO_SIZE, MAX_IO_SIZE));
     this.blockSize = Object.freeze({ minimum, preferred, maximum: maximum - (maximum % minimum) });
-    this.#needs = { flags: client.flags, blockStatus: this.capabilities.extents };
+    // The flags behind the capabilities advertised (the write ones only if writable).
+    const F = NBD_FLAG;
+    const kept = F.NBD_FLAG_SEND_FLUSH | F.NBD_FLAG_SEND_CACHE | F.NBD_FLAG_CAN_MULTI_CONN;
+    const writes = F.NBD_FLAG_SEND_FUA | F.NBD_FLAG_SEND_TRIM | F.NBD_FLAG_SEND_WRITE_ZEROES | F.NBD_FLAG_SEND_FAST_ZERO;
+    this.#needs = { flags: client.flags & (writable ? kept | writes : kept), blockStatus: this.capabilities.extents };
     this.description = `nbd ${this.remote}${this.#readonly && !client.readOnly ? ' (read-only)' : ''}`;
   }
 
@@ -355,6 +362,16 @@ export class NbdDevice implements BlockDevice {
     this.#recordLoss(1, `a write was acknowledged by ${this.remote} on a connection that was then replaced`);
   }
 
+  /** Records EIO if acknowledged writes were not yet durable when the connection was lost; returns how many. */
+  #recordUnflushed(): number {
+    const unflushed = this.#acked - this.#durable;
+    if (unflushed > 0) {
+      this.#durable = this.#acked;
+      this.#recordLoss(unflushed, `${unflushed} write(s) acknowledged by ${this.remote} before the connection was lost had not been flushed and may have been lost`);
+    }
+    return unflushed;
+  }
+
   /** Records EIO in the export's ErrSeq, so every session's next FLUSH reports it. */
   #recordLoss(writes: number, message: string): void {
     this.#errseq.set(linuxErrno('EIO'));
@@ -423,6 +440,8 @@ export class NbdDevice implements BlockDevice {
     this.#onEvent?.({ kind: 'lost', cause });
     if (this.#retries === 0) {
       this.#down = new BlockError('EIO', `the connection to ${this.remote} was lost (${cause.message}); not retried (retries: 0)`, { cause });
+      // There will be no reconnection to report them at: they are at risk now.
+      this.#recordUnflushed();
       return;
     }
     this.#startReconnect(cause);
@@ -466,12 +485,8 @@ export class NbdDevice implements BlockDevice {
       this.#gen++;
       this.#client = c;
       this.#down = null;
-      const unflushed = this.#acked - this.#durable;
-      if (unflushed > 0) {
-        // Acknowledged, not yet durable, and the remote may have restarted: never forget them silently.
-        this.#durable = this.#acked;
-        this.#recordLoss(unflushed, `${unflushed} write(s) acknowledged by ${this.remote} before the connection was lost had not been flushed and may have been lost`);
-      }
+      // Acknowledged, not yet durable, and the remote may have restarted: never forget them silently.
+      const unflushed = this.#recordUnflushed();
       this.#onEvent?.({ kind: 'reconnected', attempt, unflushedWrites: unflushed });
       return c;
     }
@@ -487,10 +502,10 @@ export class NbdDevice implements BlockDevice {
   /** A new connection must be to the same export: same size, and everything advertised still offered. */
   #checkSame(c: NbdClient): void {
     if (c.size !== this.size) throw new BlockError('EIO', `${this.remote} changed size from ${this.size} to ${c.size} bytes; not reconnecting to it`);
-    const lostFlags = this.#needs.flags & ~c.flags & ~0x2; // READ_ONLY (0x2) may go away, never appear
-    const nowReadOnly = !this.#readonly && this.capabilities.write && c.readOnly;
+    const lostFlags = this.#needs.flags & ~c.flags;
+    const nowReadOnly = this.capabilities.write && c.readOnly;
     if (lostFlags !== 0 || nowReadOnly || (this.#needs.blockStatus && !c.canBlockStatus())) {
-      throw new BlockError('EIO', `${this.remote} no longer offers what it did (transmission flags 0x${this.#needs.flags.toString(16)}, now 0x${c.flags.toString(16)}); not reconnecting to it`);
+      throw new BlockError('EIO', `${this.remote} no longer offers what it did (needed transmission flags 0x${this.#needs.flags.toString(16)}, now 0x${c.flags.toString(16)}${nowReadOnly ? ', now read-only' : ''}); not reconnecting to it`);
     }
   }
 }

@@ -102,7 +102,7 @@ test('data round trips through the device; size, capabilities, block size and de
   devices.add(dev);
   assert.ok(dev instanceof NbdDevice);
   assert.equal(dev.size, 4 * MiB);
-  assert.equal(dev.nonBlocking, true);
+  assert.equal(dev.nonBlocking, false, 'it waits for the network');
   assert.match(dev.description, /^nbd nbd\+unix:\/\/\/\?socket=/);
   assert.deepEqual(dev.capabilities, {
     write: true,
@@ -305,14 +305,16 @@ test('retries: 0 fails the requests at once with EIO naming the cause, and stays
   const socket = socketPath();
   const mem = new MemoryDevice({ size: MiB });
   const server = await remote(socket, mem);
-  const { dev } = await open(socket, { retries: 0 });
+  const { dev, ctx } = await open(socket, { retries: 0 });
   await dev.read(Buffer.alloc(512), 0, 0);
+  await dev.write(Buffer.alloc(512, 1), 0, 0);
   await stop(server);
   await remote(socket, mem);
   const started = Date.now();
   await rejects(dev.read(Buffer.alloc(512), 0, 0), 'EIO', /connection to nbd\+unix.* was lost \((?:connection to the server failed|the server closed the connection).*\); not retried \(retries: 0\)/);
   assert.ok(Date.now() - started < 1000, 'at once');
   await rejects(dev.read(Buffer.alloc(512), 0, 0), 'EIO', /retries: 0/);
+  assert.equal(ctx.errseq.peekError(), 5, 'the unflushed write is at risk and recorded at the loss');
 });
 
 test('retries exhausted: EIO naming the remote, the cause and the last attempt; the device recovers when the remote is back', async () => {
@@ -375,4 +377,21 @@ test('nbdBackend uses the stack context errseq', async () => {
   const dev = await nbdBackend({ type: 'nbd', uri: uriOf(socket) }, ctx);
   devices.add(dev);
   assert.equal(dev.size, MiB);
+});
+
+test('a remote that comes back different (another size, or read-only) is not reconnected to', async () => {
+  const socket = socketPath();
+  let server = await remote(socket, new MemoryDevice({ size: MiB }));
+  const events: NbdDeviceEvent[] = [];
+  const { dev } = await open(socket, { retries: 2, retryDelay: '10ms', retryDelayMax: '10ms' }, (e) => events.push(e));
+  await stop(server);
+  server = await remote(socket, new MemoryDevice({ size: 2 * MiB }));
+  await rejects(dev.read(Buffer.alloc(512), 0, 0), 'EIO', /changed size from 1048576 to 2097152 bytes/);
+  await stop(server);
+  server = await remote(socket, new MemoryDevice({ size: MiB }), true);
+  await rejects(dev.read(Buffer.alloc(512), 0, 0), 'EIO', /no longer offers what it did .*now read-only/);
+  await stop(server);
+  await remote(socket, new MemoryDevice({ size: MiB }));
+  await bounded(dev.read(Buffer.alloc(512), 0, 0), 'a read from a remote like the first');
+  assert.ok(events.some((e) => e.kind === 'reconnected'));
 });
