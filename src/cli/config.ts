@@ -147,13 +147,23 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */
-const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH'] as const;
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'nbd:URI'] as const;
+
+/** An NBD URI given as an export on its own (`nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`). */
+const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
 
 /**
  * Parses one short export form of the command line:
  * - `PATH` (an existing file or block device): a file export;
  * - `TYPE:ARG` with TYPE memory|null|pattern (ARG = size) or file (ARG = path);
- * - `NAME=` followed by either form, to name the export (else it is named '').
+ * - `nbd:URI`, or an NBD URI on its own (`nbd://host:port/name`, `nbds://...`,
+ *   `nbd+unix:///name?socket=PATH`, `nbds+unix://...`): re-export another server's
+ *   export through the `nbd` backend, with its default settings (retries etc.; a config
+ *   file can set them). The URI is checked when the backend is built;
+ * - `NAME=` followed by any form, to name the export (else it is named '').
+ *
+ * `NAME=` is recognised only before the first ':', so a URI's own `?socket=...` is never
+ * taken for a name.
  *
  * `readOnly` (serve -r) also opens a file backend read-only: a file the server may only
  * read (mode 0444, a read-only mount) must be servable, and a server that cannot write
@@ -169,6 +179,11 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
     rest = spec.slice(eq + 1);
   }
   if (rest === '') throw new BlockError('EINVAL', `export '${spec}': nothing to serve after '='`);
+  if (NBD_URI.test(rest) || /^nbd:/i.test(rest)) {
+    const uri = NBD_URI.test(rest) ? rest : rest.slice(4);
+    if (uri === '') throw new BlockError('EINVAL', `export '${spec}': nbd: needs a URI, e.g. nbd:nbd://127.0.0.1:10809/name`);
+    return { name, backend: { type: 'nbd', uri, ...(readOnly ? { readonly: true } : {}) }, readOnly };
+  }
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
   const typed = /^([A-Za-z][A-Za-z0-9-]*):/.exec(rest);
   if (!m && typed && !fs.existsSync(rest)) {

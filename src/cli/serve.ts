@@ -22,13 +22,14 @@ import { Command, Option } from 'commander';
 import { SHUTDOWN_SIGNALS, shutdownSignal, stderrLogger } from './daemon.js';
 import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../export/registry.js';
+import { serveRegistry, serveRegistryLogging } from './registry.js';
 import { NbdServer, type ListenAddress, type ListenerOptions } from '../nbd/index.js';
 import { loadTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 import type { ExportPolicySpec } from '../nbd/access.js';
 import { Export } from '../export/index.js';
 import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
-import { StackLayerError, newStackContext, type LayerDescription } from '../device/index.js';
+import { StackLayerError, newStackContext, type LayerDescription, type StackRegistry } from '../device/index.js';
 import {
   DEFAULT_EXPORT_SPEC,
   DEFAULT_HOST,
@@ -158,16 +159,22 @@ export interface ExportSpec {
 
 /**
  * Builds every export's device stack; on failure closes what was built. A layer's error
- * names where it is: `source: exports[0].filters[1]: writeback: maxDirty: ...`.
+ * names where it is: `source: exports[0].filters[1]: writeback: maxDirty: ...`. Stacks
+ * are built with `registry`: by default the built-ins plus the `nbd` backend
+ * (src/cli/registry.ts).
  */
-export async function buildExports(cfg: { readonly exports: readonly ExportSpec[] }, source = 'config'): Promise<Export[]> {
+export async function buildExports(
+  cfg: { readonly exports: readonly ExportSpec[] },
+  source = 'config',
+  registry: StackRegistry = serveRegistry,
+): Promise<Export[]> {
   const built: Export[] = [];
   try {
     for (const [i, e] of cfg.exports.entries()) {
       const ctx = newStackContext();
       let device;
       try {
-        device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx);
+        device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx, registry);
       } catch (err) {
         if (!(err instanceof StackLayerError)) throw err;
         throw new BlockError(err.code, `${source}: exports[${i}].${err.layer}: ${err.message}`, { cause: err });
@@ -213,7 +220,7 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
   }
   const cfg = configFromFlags(specs, flags);
   const log = stderrLogger(cfg.logLevel ?? 'info');
-  const exports = await buildExports(cfg, flags.config ?? 'command line');
+  const exports = await buildExports(cfg, flags.config ?? 'command line', serveRegistryLogging(log));
   exports.forEach((e, i) => {
     // A file that could only be opened read-only (0444, a read-only mount) is served so, as nbdkit does, but said aloud.
     if (e.readOnly && cfg.exports[i]?.readOnly !== true) log.warn({ export: e.name, device: e.device.description }, 'serving read-only: the device cannot be written');
@@ -301,7 +308,7 @@ export function serveCommand(): Command {
     .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
     .argument(
       '[export...]',
-      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH), NAME=... to name one',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, NAME=... to name one',
     )
     .addOption(
       // The file says where to listen and what to serve; rather than guess which of the
