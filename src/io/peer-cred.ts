@@ -23,6 +23,7 @@
  * uid = gid = (uid_t)-1, the kernel's "no credentials" (test/io/peer-cred.test.ts pins it).
  * A -1 uid or gid is therefore read as "not a unix socket", never as an id.
  */
+import type * as Koffi from 'koffi';
 import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
 
@@ -52,7 +53,7 @@ function load(): { readonly getsockopt: GetSockOpt } | { readonly reason: string
     return loaded;
   }
   try {
-    const koffi = createRequire(import.meta.url)('koffi') as typeof import('koffi');
+    const koffi = createRequire(import.meta.url)('koffi') as typeof Koffi;
     // dlopen(NULL): the process's own global symbols, which include libc's, whatever
     // the libc's file is called (glibc's libc.so.6, musl's libc.musl-*.so.1).
     const libc = koffi.load(null);
