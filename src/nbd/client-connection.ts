@@ -51,6 +51,8 @@ interface Pending {
   extents: Extent[] | null;
   /** Set when the caller gave up: data for it is read and dropped, not written to its buffer. */
   abandoned: boolean;
+  /** Called once when the request leaves the connection (its last reply, or the connection's end), abandoned or not. */
+  readonly onEnd: (() => void) | undefined;
 }
 
 const S = { HEADER: 0, DATA: 1, PAYLOAD: 2, DATA_OFFSET: 3, CLOSED: 4 } as const;
@@ -109,9 +111,22 @@ export class NbdConnection {
     return this.#closed;
   }
 
-  /** Sends a request; resolves when its (last) reply arrives. `signal` abandons the wait, not the request. */
-  send(req: WireRequest, signal?: AbortSignal): Promise<WireResult> {
-    if (this.#closed) return Promise.reject(this.#closed);
+  /**
+   * Sends a request; resolves when its (last) reply arrives. `signal` abandons the wait,
+   * not the request: the request stays on the wire until its reply comes, and `onEnd`
+   * runs then (or when the connection ends, or at once if the request is not sent), so
+   * the caller can keep counting it as in flight until the server is done with it.
+   */
+  send(req: WireRequest, signal?: AbortSignal, onEnd?: () => void): Promise<WireResult> {
+    if (this.#closed) {
+      onEnd?.();
+      return Promise.reject(this.#closed);
+    }
+    if (signal?.aborted) {
+      // Aborted before it went out (between leaving the client's queue and here): never sent.
+      onEnd?.();
+      return Promise.reject(new BlockError('ECANCELED', `${commandName(req.type)} aborted before it was sent`, { cause: signal.reason }));
+    }
     let cookie = this.#nextCookie;
     while (this.#pending.has(cookie)) cookie = (cookie % 0xffffffff) + 1;
     this.#nextCookie = (cookie % 0xffffffff) + 1;
@@ -135,7 +150,7 @@ export class NbdConnection {
           },
         };
       }
-      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false };
+      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false, onEnd };
       this.#pending.set(cookie, p);
       this.#write(cookie, req);
     });
@@ -196,7 +211,10 @@ export class NbdConnection {
   #failAll(e: BlockError): void {
     const all = [...this.#pending.values()];
     this.#pending.clear();
-    for (const p of all) if (!p.abandoned) p.reject(e);
+    for (const p of all) {
+      p.onEnd?.();
+      if (!p.abandoned) p.reject(e);
+    }
   }
 
   #protocolError(msg: string): void {
@@ -383,6 +401,7 @@ export class NbdConnection {
     if ((this.#chunkFlags & NBD_REPLY_FLAG.NBD_REPLY_FLAG_DONE) === 0) return;
     this.#pending.delete(this.#cookie);
     this.#current = null;
+    p.onEnd?.();
     if (p.abandoned) return;
     if (p.error) return p.reject(p.error);
     if (p.req.type === NBD_CMD.NBD_CMD_BLOCK_STATUS) {
