@@ -259,6 +259,7 @@ export class ClientHandshake {
     this.#socket.write(encodeOption(NBD_OPT.NBD_OPT_EXPORT_NAME, Buffer.from(name, 'utf8')));
     const r = await this.#reader.read(NBD_SIZE.EXPORT_NAME_REPLY + (this.#noZeroes ? 0 : NBD_SIZE.EXPORT_NAME_ZEROES));
     const size = Number(r.readBigUInt64BE(0));
+    if (!Number.isSafeInteger(size)) throw new BlockError('EOVERFLOW', `export '${name}' is larger than 2^53 - 1 bytes`);
     const flags = r.readUInt16BE(8);
     return {
       negotiated: { name, description: '', size, flags, blockSize: null, mode, contexts, tls: this.tlsInfo },
