@@ -99,6 +99,8 @@ function dial(t: NbdTransport): net.Socket {
 
 /** Connects a socket and runs `fn` on its handshake under the timeout. */
 async function withHandshake<T>(t: NbdTransport, timeoutMs: number, signal: AbortSignal | undefined, fn: (hs: ClientHandshake) => Promise<T>): Promise<T> {
+  // An 'abort' listener added to a signal already aborted never runs.
+  if (signal?.aborted) throw new BlockError('ECANCELED', 'connecting was aborted', { cause: signal.reason });
   const socket = dial(t);
   const hs = new ClientHandshake(socket);
   const where = t.kind === 'unix' ? t.path : `${t.host}:${t.port}`;

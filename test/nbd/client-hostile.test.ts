@@ -16,7 +16,7 @@ import { BlockError } from '../../src/errors/index.js';
 import { StreamReader } from '../../src/io/stream-reader.js';
 import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
 import { MAX_CHUNK_PAYLOAD } from '../../src/nbd/client-connection.js';
-import { MAX_OPTION_REPLY_LENGTH } from '../../src/nbd/client-handshake.js';
+import { MAX_OPTION_REPLY_LENGTH, MAX_OPTION_REPLY_TOTAL } from '../../src/nbd/client-handshake.js';
 import {
   DONE,
   decodeCompactRequest,
@@ -27,9 +27,11 @@ import {
   encodeExportNameReply,
   encodeGreeting,
   encodeHolePayload,
+  encodeInfoBlockSize,
   encodeInfoExport,
   encodeOptionReply,
   encodeRepMetaContext,
+  encodeRepServer,
   writeExtendedHeader,
   writeSimpleReply,
   writeStructuredHeader,
@@ -92,7 +94,10 @@ class Peer {
    * allows, selects base:allocation, answers GO with a 1 MiB export. `onOption` may
    * answer an option itself (return true).
    */
-  async handshake(mode: Mode, o: { onOption?: (opt: number, data: Buffer) => boolean | Promise<boolean>; flags?: number; size?: number } = {}): Promise<void> {
+  async handshake(
+    mode: Mode,
+    o: { onOption?: (opt: number, data: Buffer) => boolean | Promise<boolean>; flags?: number; size?: number; blockSize?: [number, number, number] } = {},
+  ): Promise<void> {
     this.write(encodeGreeting(NBD_HS_FLAG.NBD_FLAG_FIXED_NEWSTYLE | NBD_HS_FLAG.NBD_FLAG_NO_ZEROES));
     await this.read(4);
     for (;;) {
@@ -118,6 +123,7 @@ class Peer {
         case NBD_OPT.NBD_OPT_GO: {
           const flags = o.flags ?? NBD_FLAG.NBD_FLAG_HAS_FLAGS | NBD_FLAG.NBD_FLAG_SEND_FLUSH;
           this.write(encodeOptionReply(option, NBD_REP.NBD_REP_INFO, encodeInfoExport(o.size ?? 1 << 20, flags)));
+          if (o.blockSize) this.write(encodeOptionReply(option, NBD_REP.NBD_REP_INFO, encodeInfoBlockSize(...o.blockSize)));
           this.write(encodeOptionReply(option, NBD_REP.NBD_REP_ACK));
           return;
         }
@@ -308,6 +314,88 @@ test('a handshake that stalls: ETIMEDOUT after handshakeTimeoutMs', async () => 
       },
     );
   }
+});
+
+test('a handshake that stalls after STARTTLS is ACKed (no TLS handshake): ETIMEDOUT, not a misleading close', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-hostile-psk-'));
+  const psk = path.join(dir, 'k.psk');
+  fs.writeFileSync(psk, `alice:${'ab'.repeat(32)}\n`);
+  try {
+    await against(
+      async (p) => {
+        p.write(encodeGreeting(NBD_HS_FLAG.NBD_FLAG_FIXED_NEWSTYLE));
+        await p.read(4);
+        const { option } = await p.option();
+        assert.equal(option, NBD_OPT.NBD_OPT_STARTTLS);
+        p.write(encodeOptionReply(option, NBD_REP.NBD_REP_ACK));
+        // The ClientHello arrives and is never answered.
+        await idle(p);
+      },
+      async (s) => {
+        const uri = s.uri.replace('nbd+unix://', 'nbds+unix://alice@') + `&tls-psk-file=${encodeURIComponent(psk)}`;
+        await assert.rejects(bounded(NbdClient.connect(uri, { handshakeTimeoutMs: 200 }), 'connect'), blockError('ETIMEDOUT', /within 200 ms/));
+      },
+    );
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('connect with an AbortSignal: already aborted, or aborted while the handshake stalls: ECANCELED', async () => {
+  await against(idle, async (s) => {
+    await assert.rejects(bounded(NbdClient.connect(s.uri, { signal: AbortSignal.abort() }), 'connect'), blockError('ECANCELED', /aborted/));
+    const ac = new AbortController();
+    const p = assert.rejects(bounded(NbdClient.connect(s.uri, { signal: ac.signal }), 'connect'), blockError('ECANCELED', /aborted/));
+    await sleep(50);
+    ac.abort();
+    await p;
+  });
+});
+
+for (const [min, pref, max] of [
+  [0, 4096, 65536],
+  [3, 4096, 65536],
+  [4096, 512, 65536],
+  [4096, 4096, 0],
+  [2 ** 17, 2 ** 17, 2 ** 20],
+] as const) {
+  test(`an impossible NBD_INFO_BLOCK_SIZE (${min}, ${pref}, ${max}): EPROTO, not requests of garbage length`, async () => {
+    await against(
+      async (p) => {
+        await p.handshake('structured', { blockSize: [min, pref, max] });
+        // Answer whatever comes (a client that went on would send a READ here).
+        for (;;) {
+          const h = await p.request();
+          if (h.type === NBD_CMD.NBD_CMD_DISC) return;
+          p.chunk(h, DONE, NBD_REPLY_TYPE.NBD_REPLY_TYPE_NONE, Buffer.alloc(0));
+        }
+      },
+      async (s) => {
+        await assert.rejects(bounded(NbdClient.connect(s.uri, CLIENT_MODE.structured), 'connect'), blockError('EPROTO', /NBD_INFO_BLOCK_SIZE/));
+      },
+    );
+  });
+}
+
+test(`LIST replies adding up to more than MAX_OPTION_REPLY_TOTAL: EPROTO, the client stops collecting`, async () => {
+  const entry = encodeRepServer('x'.repeat(100), 'd'.repeat(MAX_OPTION_REPLY_LENGTH - 200));
+  const n = Math.ceil(MAX_OPTION_REPLY_TOTAL / entry.length) + 2;
+  await against(
+    async (p) => {
+      p.write(encodeGreeting(NBD_HS_FLAG.NBD_FLAG_FIXED_NEWSTYLE));
+      await p.read(4);
+      const { option } = await p.option();
+      assert.equal(option, NBD_OPT.NBD_OPT_LIST);
+      const one = encodeOptionReply(option, NBD_REP.NBD_REP_SERVER, entry);
+      for (let i = 0; i < n && !p.sock.destroyed; i++) {
+        if (!p.sock.write(one)) await new Promise((r) => p.sock.once('drain', r).once('close', r));
+      }
+      await idle(p);
+    },
+    async (s) => {
+      await assert.rejects(bounded(NbdClient.list(s.uri), 'list'), blockError('EPROTO', /option replies/));
+    },
+  );
 });
 
 test('the server closing during the handshake: ECONNRESET that says so', async () => {
