@@ -388,7 +388,14 @@ test(`LIST replies adding up to more than MAX_OPTION_REPLY_TOTAL: EPROTO, the cl
       assert.equal(option, NBD_OPT.NBD_OPT_LIST);
       const one = encodeOptionReply(option, NBD_REP.NBD_REP_SERVER, entry);
       for (let i = 0; i < n && !p.sock.destroyed; i++) {
-        if (!p.sock.write(one)) await new Promise((r) => p.sock.once('drain', r).once('close', r));
+        if (p.sock.write(one)) continue;
+        await new Promise<void>((resolve) => {
+          const done = () => {
+            p.sock.off('drain', done).off('close', done);
+            resolve();
+          };
+          p.sock.on('drain', done).on('close', done);
+        });
       }
       await idle(p);
     },
