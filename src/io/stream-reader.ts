@@ -13,6 +13,8 @@ export class StreamReader {
   #chunks: Buffer[] = [];
   #have = 0;
   #ended: Error | null = null;
+  /** Set by fail(): every read rejects from then on, even one the buffered bytes would satisfy. */
+  #failed: Error | null = null;
   #waiter: { readonly n: number; readonly resolve: (b: Buffer) => void; readonly reject: (e: Error) => void } | null = null;
 
   readonly #onData = (b: Buffer): void => {
@@ -34,6 +36,7 @@ export class StreamReader {
   /** Resolves with the next `n` bytes; rejects if the stream ends first (or already has). */
   read(n: number): Promise<Buffer> {
     if (this.#waiter) return Promise.reject(new BlockError('EINVAL', 'StreamReader: one read at a time'));
+    if (this.#failed) return Promise.reject(this.#failed);
     return new Promise((resolve, reject) => {
       this.#waiter = { n, resolve, reject };
       this.#serve();
@@ -42,6 +45,7 @@ export class StreamReader {
 
   /** Fails a pending read and every later one with `error` (a timeout, say). */
   fail(error: Error): void {
+    this.#failed ??= error;
     this.#fail(error);
   }
 
@@ -64,7 +68,7 @@ export class StreamReader {
   #fail(e: Error): void {
     this.#ended ??= e;
     const w = this.#waiter;
-    if (w && this.#have < w.n) {
+    if (w && (this.#have < w.n || this.#failed)) {
       this.#waiter = null;
       w.reject(this.#ended);
     }

@@ -51,6 +51,10 @@ interface Pending {
   extents: Extent[] | null;
   /** Set when the caller gave up: data for it is read and dropped, not written to its buffer. */
   abandoned: boolean;
+  /** READ: bytes of the range the data and hole chunks (or the simple reply) have described so far. */
+  covered: number;
+  /** Called once when the request leaves the connection (its last reply, or the connection's end), abandoned or not. */
+  readonly onEnd: (() => void) | undefined;
 }
 
 const S = { HEADER: 0, DATA: 1, PAYLOAD: 2, DATA_OFFSET: 3, CLOSED: 4 } as const;
@@ -109,9 +113,22 @@ export class NbdConnection {
     return this.#closed;
   }
 
-  /** Sends a request; resolves when its (last) reply arrives. `signal` abandons the wait, not the request. */
-  send(req: WireRequest, signal?: AbortSignal): Promise<WireResult> {
-    if (this.#closed) return Promise.reject(this.#closed);
+  /**
+   * Sends a request; resolves when its (last) reply arrives. `signal` abandons the wait,
+   * not the request: the request stays on the wire until its reply comes, and `onEnd`
+   * runs then (or when the connection ends, or at once if the request is not sent), so
+   * the caller can keep counting it as in flight until the server is done with it.
+   */
+  send(req: WireRequest, signal?: AbortSignal, onEnd?: () => void): Promise<WireResult> {
+    if (this.#closed) {
+      onEnd?.();
+      return Promise.reject(this.#closed);
+    }
+    if (signal?.aborted) {
+      // Aborted before it went out (between leaving the client's queue and here): never sent.
+      onEnd?.();
+      return Promise.reject(new BlockError('ECANCELED', `${commandName(req.type)} aborted before it was sent`, { cause: signal.reason }));
+    }
     let cookie = this.#nextCookie;
     while (this.#pending.has(cookie)) cookie = (cookie % 0xffffffff) + 1;
     this.#nextCookie = (cookie % 0xffffffff) + 1;
@@ -135,7 +152,7 @@ export class NbdConnection {
           },
         };
       }
-      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false };
+      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false, covered: 0, onEnd };
       this.#pending.set(cookie, p);
       this.#write(cookie, req);
     });
@@ -196,7 +213,10 @@ export class NbdConnection {
   #failAll(e: BlockError): void {
     const all = [...this.#pending.values()];
     this.#pending.clear();
-    for (const p of all) if (!p.abandoned) p.reject(e);
+    for (const p of all) {
+      p.onEnd?.();
+      if (!p.abandoned) p.reject(e);
+    }
   }
 
   #protocolError(msg: string): void {
@@ -302,6 +322,7 @@ export class NbdConnection {
         this.#state = S.DATA;
         this.#dataPos = 0;
         this.#dataLeft = p.req.length;
+        p.covered = p.req.length;
         return;
       }
       this.#chunkFlags = NBD_REPLY_FLAG.NBD_REPLY_FLAG_DONE;
@@ -337,6 +358,7 @@ export class NbdConnection {
     const rel = offset - p.req.offset;
     if (rel < 0 || rel + this.#dataLeft > p.req.length) return this.#protocolError('OFFSET_DATA outside its READ');
     this.#dataPos = rel;
+    p.covered += this.#dataLeft;
     if (this.#dataLeft === 0) return this.#chunkDone();
     this.#state = S.DATA;
   }
@@ -353,6 +375,7 @@ export class NbdConnection {
       const size = buf.readUInt32BE(8);
       if (rel < 0 || rel + size > p.req.length || size === 0) return this.#protocolError('OFFSET_HOLE outside its READ');
       if (!p.abandoned && p.req.target) p.req.target.fill(0, rel, rel + size);
+      p.covered += size;
     } else if (type === T.NBD_REPLY_TYPE_BLOCK_STATUS || type === T.NBD_REPLY_TYPE_BLOCK_STATUS_EXT) {
       if (p.req.type !== NBD_CMD.NBD_CMD_BLOCK_STATUS) return this.#protocolError('block status for another command');
       const extents = parseExtents(buf, type === T.NBD_REPLY_TYPE_BLOCK_STATUS_EXT, p.req);
@@ -381,8 +404,14 @@ export class NbdConnection {
     const p = this.#current!;
     this.#expectHeader();
     if ((this.#chunkFlags & NBD_REPLY_FLAG.NBD_REPLY_FLAG_DONE) === 0) return;
+    // A successful READ must have described every byte asked for: else the caller's buffer
+    // would hold whatever was there before, returned as data.
+    if (p.req.type === NBD_CMD.NBD_CMD_READ && p.error === null && p.covered !== p.req.length) {
+      return this.#protocolError(`a READ reply that covered ${p.covered} of ${p.req.length} bytes`);
+    }
     this.#pending.delete(this.#cookie);
     this.#current = null;
+    p.onEnd?.();
     if (p.abandoned) return;
     if (p.error) return p.reject(p.error);
     if (p.req.type === NBD_CMD.NBD_CMD_BLOCK_STATUS) {

@@ -25,6 +25,8 @@ import { parsePskFile, PSK_CIPHERS_TLS12, TLS13_SUITES } from './tls.js';
 export const MAX_OPTION_REPLY_LENGTH = 64 * 1024;
 /** The most replies one option may produce (LIST entries, META_CONTEXT ids) before the client gives up. */
 export const MAX_OPTION_REPLIES = 100_000;
+/** The most payload bytes the replies to one option may add up to (each is at most MAX_OPTION_REPLY_LENGTH). */
+export const MAX_OPTION_REPLY_TOTAL = 16 * 1024 * 1024;
 /** The oldstyle greeting's second magic (this client speaks newstyle only). */
 const OLDSTYLE_MAGIC = 0x00420281861253n;
 
@@ -127,6 +129,8 @@ export class ClientHandshake {
   #reader: StreamReader;
   #noZeroes = false;
   #fixed = false;
+  /** Why fail() was called (the caller's timeout or abort), so a TLS handshake it cuts reports that, not a close. */
+  #failure: Error | null = null;
 
   constructor(socket: Socket) {
     this.#socket = socket;
@@ -135,6 +139,7 @@ export class ClientHandshake {
 
   /** Fails the handshake (the caller's timeout): every pending read rejects with `error`. */
   fail(error: Error): void {
+    this.#failure ??= error;
     this.#reader.fail(error);
     this.#socket.destroy();
   }
@@ -179,8 +184,8 @@ export class ClientHandshake {
     this.#reader = new StreamReader(secure);
     await new Promise<void>((resolve, reject) => {
       secure.once('secureConnect', () => resolve());
-      secure.once('error', (e: Error) => reject(new BlockError('ECONNRESET', `TLS handshake failed: ${e.message}`, { cause: e })));
-      secure.once('close', () => reject(new BlockError('ECONNRESET', 'the server closed the connection during the TLS handshake')));
+      secure.once('error', (e: Error) => reject(this.#failure ?? new BlockError('ECONNRESET', `TLS handshake failed: ${e.message}`, { cause: e })));
+      secure.once('close', () => reject(this.#failure ?? new BlockError('ECONNRESET', 'the server closed the connection during the TLS handshake')));
     });
     this.tlsInfo = { protocol: secure.getProtocol() ?? 'unknown', cipher: secure.getCipher().name };
   }
@@ -189,9 +194,12 @@ export class ClientHandshake {
   async #option(option: number, data?: Buffer, collect = true): Promise<OptionReply[]> {
     this.#socket.write(encodeOption(option, data));
     const out: OptionReply[] = [];
+    let total = 0;
     for (;;) {
       const r = await this.#reply(option);
       if (isError(r.type)) throw new OptionRefused(option, r.type, r.data.toString('utf8'));
+      total += r.data.length;
+      if (total > MAX_OPTION_REPLY_TOTAL) throw new BlockError('EPROTO', `more than ${MAX_OPTION_REPLY_TOTAL} bytes of option replies to ${optionName(option)}`);
       if (collect || r.type === NBD_REP.NBD_REP_ACK) out.push(r);
       if (out.length > MAX_OPTION_REPLIES) throw new BlockError('EPROTO', `more than ${MAX_OPTION_REPLIES} replies to ${optionName(option)}`);
       if (r.type === NBD_REP.NBD_REP_ACK) return out;
@@ -259,6 +267,7 @@ export class ClientHandshake {
     this.#socket.write(encodeOption(NBD_OPT.NBD_OPT_EXPORT_NAME, Buffer.from(name, 'utf8')));
     const r = await this.#reader.read(NBD_SIZE.EXPORT_NAME_REPLY + (this.#noZeroes ? 0 : NBD_SIZE.EXPORT_NAME_ZEROES));
     const size = Number(r.readBigUInt64BE(0));
+    if (!Number.isSafeInteger(size)) throw new BlockError('EOVERFLOW', `export '${name}' is larger than 2^53 - 1 bytes`);
     const flags = r.readUInt16BE(8);
     return {
       negotiated: { name, description: '', size, flags, blockSize: null, mode, contexts, tls: this.tlsInfo },
@@ -323,12 +332,24 @@ function parseInfos(replies: readonly OptionReply[], name: string): Omit<Negotia
       case NBD_INFO.NBD_INFO_BLOCK_SIZE:
         if (d.length < 14) throw new BlockError('EPROTO', 'a short NBD_INFO_BLOCK_SIZE');
         blockSize = { minimum: d.readUInt32BE(2), preferred: d.readUInt32BE(6), maximum: d.readUInt32BE(10) };
+        // The client splits requests by these: a zero or a minimum that is not a power of
+        // two would make its request lengths garbage (NaN, sent as 0).
+        if (!validBlockSize(blockSize)) {
+          throw new BlockError('EPROTO', `a bad NBD_INFO_BLOCK_SIZE (minimum ${blockSize.minimum}, preferred ${blockSize.preferred}, maximum ${blockSize.maximum})`);
+        }
         break;
     }
   }
   if (size === null) throw new BlockError('EPROTO', `the server sent no NBD_INFO_EXPORT for '${name}'`);
   if (!Number.isSafeInteger(size)) throw new BlockError('EOVERFLOW', `export '${name}' is larger than 2^53 - 1 bytes`);
   return { name: exportName, description, size, flags, blockSize };
+}
+
+const isPowerOfTwo = (n: number) => n > 0 && (n & (n - 1)) === 0;
+
+/** The spec's rules that matter to the client: minimum a power of two up to 64 KiB, preferred a power of two at least the minimum, maximum at least the minimum. */
+function validBlockSize(b: { minimum: number; preferred: number; maximum: number }): boolean {
+  return isPowerOfTwo(b.minimum) && b.minimum <= 65536 && isPowerOfTwo(b.preferred) && b.preferred >= b.minimum && b.maximum >= b.minimum;
 }
 
 /** Node TLS client options for libnbd-style parameters: PSK from a psktool file, or X.509 from a directory. */

@@ -99,6 +99,8 @@ function dial(t: NbdTransport): net.Socket {
 
 /** Connects a socket and runs `fn` on its handshake under the timeout. */
 async function withHandshake<T>(t: NbdTransport, timeoutMs: number, signal: AbortSignal | undefined, fn: (hs: ClientHandshake) => Promise<T>): Promise<T> {
+  // An 'abort' listener added to a signal already aborted never runs.
+  if (signal?.aborted) throw new BlockError('ECANCELED', 'connecting was aborted', { cause: signal.reason });
   const socket = dial(t);
   const hs = new ClientHandshake(socket);
   const where = t.kind === 'unix' ? t.path : `${t.host}:${t.port}`;
@@ -172,8 +174,11 @@ export class NbdClient {
     const conns = [first.conn];
     try {
       if (o.connections > 1 && (first.negotiated.flags & NBD_FLAG.NBD_FLAG_CAN_MULTI_CONN) !== 0) {
-        const more = await Promise.all(Array.from({ length: o.connections - 1 }, () => open()));
-        for (const m of more) conns.push(m.conn);
+        // allSettled, not all: when one fails, the ones that did open are closed too.
+        const more = await Promise.allSettled(Array.from({ length: o.connections - 1 }, () => open()));
+        for (const m of more) if (m.status === 'fulfilled') conns.push(m.value.conn);
+        const failed = more.find((m): m is PromiseRejectedResult => m.status === 'rejected');
+        if (failed) throw failed.reason;
       }
     } catch (e) {
       for (const c of conns) c.close();
@@ -408,13 +413,25 @@ export class NbdClient {
       this.#inFlight++;
       this.#bytes += cost;
     }
-    try {
-      return await this.#pick().send(req, signal);
-    } finally {
+    // The slot is given back when the request leaves the wire (its reply, or the
+    // connection's end), not when the caller stops waiting: an aborted request is still
+    // in flight at the server, and counts against maxInFlight and maxInFlightBytes.
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
       this.#inFlight--;
       this.#bytes -= cost;
       this.#wake();
+    };
+    let conn: NbdConnection;
+    try {
+      conn = this.#pick();
+    } catch (e) {
+      release();
+      throw e;
     }
+    return conn.send(req, signal, release);
   }
 
   #fits(cost: number): boolean {
@@ -429,7 +446,10 @@ export class NbdClient {
       }
       const onAbort = () => {
         const removed = this.#waiting.filter((x) => x !== w);
-        if (removed.length > 0) reject(new BlockError('ECANCELED', 'aborted while waiting to be sent', { cause: signal.reason }));
+        if (removed.length === 0) return;
+        reject(new BlockError('ECANCELED', 'aborted while waiting to be sent', { cause: signal.reason }));
+        // The waiters behind it may fit now (it may have been the large one at the front).
+        this.#wake();
       };
       const w: Waiter = {
         cost,
