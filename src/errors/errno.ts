@@ -43,6 +43,7 @@ export const ERRNO = {
   EOVERFLOW: { linux: 75, freebsd: 84, message: 'Value too large to be stored in data type' },
   EOPNOTSUPP: { linux: 95, freebsd: 45, message: 'Operation not supported' },
   ECONNRESET: { linux: 104, freebsd: 54, message: 'Connection reset by peer' },
+  ENOTCONN: { linux: 107, freebsd: 57, message: 'Socket is not connected' },
   ESHUTDOWN: { linux: 108, freebsd: 58, message: "Can't send after socket shutdown" },
   ETIMEDOUT: { linux: 110, freebsd: 60, message: 'Operation timed out' },
   ECONNREFUSED: { linux: 111, freebsd: 61, message: 'Connection refused' },

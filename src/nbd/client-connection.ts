@@ -188,7 +188,7 @@ export class NbdConnection {
   /** Sends NBD_CMD_DISC (no reply) and closes once the server has the bytes. Requests in flight fail. */
   close(): void {
     if (this.#closed) return;
-    this.#closed = new BlockError('ESHUTDOWN', 'the connection was closed');
+    this.#closed = new BlockError('ENOTCONN', 'the connection was closed');
     if (!this.#socket.destroyed) {
       this.#write(0, { type: NBD_CMD.NBD_CMD_DISC, flags: 0, offset: 0, length: 0 });
       this.#socket.end();
@@ -409,15 +409,18 @@ export class NbdConnection {
     if (p.req.type === NBD_CMD.NBD_CMD_READ && p.error === null && p.covered !== p.req.length) {
       return this.#protocolError(`a READ reply that covered ${p.covered} of ${p.req.length} bytes`);
     }
+    // A BLOCK_STATUS without extents for its context is a violation like any other:
+    // EPROTO always means the connection is gone (checked while the request is still
+    // pending, so it fails with the rest).
+    if (p.req.type === NBD_CMD.NBD_CMD_BLOCK_STATUS && p.error === null && (p.extents === null || p.extents.length === 0)) {
+      return this.#protocolError('BLOCK_STATUS ended without extents for the context asked');
+    }
     this.#pending.delete(this.#cookie);
     this.#current = null;
     p.onEnd?.();
     if (p.abandoned) return;
     if (p.error) return p.reject(p.error);
-    if (p.req.type === NBD_CMD.NBD_CMD_BLOCK_STATUS) {
-      if (p.extents === null || p.extents.length === 0) return p.reject(new BlockError('EPROTO', 'protocol error from the server: BLOCK_STATUS ended without extents for the context asked'));
-      return p.resolve(p.extents);
-    }
+    if (p.req.type === NBD_CMD.NBD_CMD_BLOCK_STATUS) return p.resolve(p.extents!);
     p.resolve(undefined);
   }
 }

@@ -49,6 +49,12 @@ export interface NbdClientOptions {
   readonly tls?: ClientTls | null;
   /** Abandons connecting. */
   readonly signal?: AbortSignal;
+  /**
+   * Called once when the client becomes unusable other than by close(): a connection
+   * lost (ECONNRESET) or a protocol violation (EPROTO), even while no request is in
+   * flight, so a caller can reconnect at once rather than at its next request.
+   */
+  readonly onLost?: (error: BlockError) => void;
 }
 
 type Defaults = Required<Pick<NbdClientOptions, 'connections' | 'maxInFlight' | 'maxInFlightBytes' | 'metaContexts' | 'extendedHeaders' | 'structuredReplies' | 'handshakeTimeoutMs'>>;
@@ -114,7 +120,12 @@ async function withHandshake<T>(t: NbdTransport, timeoutMs: number, signal: Abor
     if (e instanceof BlockError && e.code === 'ECONNRESET' && /closed the connection$/.test(e.message)) {
       throw new BlockError('ECONNRESET', `${where}: the server closed the connection during the handshake (it may require TLS, or refuse this client)`, { cause: e });
     }
-    if (e instanceof Error && 'code' in e && !(e instanceof BlockError)) throw new BlockError('ECONNREFUSED', `cannot connect to ${where}: ${e.message}`, { cause: e });
+    // A failed connect(2) (refused, no such socket, unreachable) reaches here as the stream
+    // reader's ECONNRESET with the socket's error as its cause.
+    const cause = e instanceof BlockError ? (e.cause as NodeJS.ErrnoException | undefined) : (e as NodeJS.ErrnoException);
+    if (cause instanceof Error && cause.syscall === 'connect') {
+      throw new BlockError('ECONNREFUSED', `cannot connect to ${where}: ${cause.message}`, { cause });
+    }
     throw e;
   } finally {
     clearTimeout(timer);
@@ -132,14 +143,20 @@ export class NbdClient {
   #bytes = 0;
   readonly #waiting = new Deque<Waiter>();
   #broken: BlockError | null = null;
+  readonly #onLost: ((e: BlockError) => void) | undefined;
   #closing: Promise<void> | null = null;
   #idle: (() => void) | null = null;
 
-  private constructor(info: NegotiatedExport, conns: NbdConnection[], opts: Required<Pick<NbdClientOptions, 'maxInFlight' | 'maxInFlightBytes'>>) {
+  private constructor(
+    info: NegotiatedExport,
+    conns: NbdConnection[],
+    opts: Required<Pick<NbdClientOptions, 'maxInFlight' | 'maxInFlightBytes'>> & Pick<NbdClientOptions, 'onLost'>,
+  ) {
     this.#info = info;
     this.#conns = conns;
     this.#maxInFlight = opts.maxInFlight;
     this.#maxBytes = opts.maxInFlightBytes;
+    this.#onLost = opts.onLost;
     const serverMax = info.blockSize?.maximum ?? DEFAULT_MAX_REQUEST;
     const min = info.blockSize?.minimum ?? 1;
     // At most the server's maximum, a multiple of its minimum block size, and at most the byte budget.
@@ -155,7 +172,8 @@ export class NbdClient {
     const tls = options.tls !== undefined ? options.tls : tlsFromUri(uri);
     const exportName = options.exportName ?? uri.exportName;
     const host = uri.transport.kind === 'tcp' ? uri.transport.host : undefined;
-    let broken: ((e: BlockError) => void) | null = null;
+    let lostEarly: BlockError | null = null;
+    let broken: (e: BlockError) => void = (e) => (lostEarly ??= e);
     const open = () =>
       withHandshake(uri.transport, o.handshakeTimeoutMs, options.signal, async (hs) => {
         await hs.open(tls, host);
@@ -167,7 +185,7 @@ export class NbdClient {
           structuredReplies: o.structuredReplies,
           metaContexts: o.metaContexts,
         });
-        const conn = new NbdConnection(hs.socket, negotiated.mode, rest, (e) => broken?.(e));
+        const conn = new NbdConnection(hs.socket, negotiated.mode, rest, (e) => broken(e));
         return { negotiated, conn };
       });
     const first = await open();
@@ -185,7 +203,10 @@ export class NbdClient {
       throw e;
     }
     const client = new NbdClient(first.negotiated, conns, o);
+    // A connection lost before the client existed is passed on now, not dropped.
+    const early = lostEarly;
     broken = (e) => client.#lost(e);
+    if (early) client.#lost(early);
     return client;
   }
 
@@ -232,6 +253,11 @@ export class NbdClient {
   get tls(): NegotiatedExport['tls'] {
     return this.#info.tls;
   }
+  /** Why the client can no longer be used (lost, protocol error, closed), or null while it can. */
+  get error(): BlockError | null {
+    return this.#broken;
+  }
+
   /** Connections open. */
   get connections(): number {
     return this.#conns.length;
@@ -356,7 +382,7 @@ export class NbdClient {
 
   /**
    * Waits for the requests in flight, then disconnects (NBD_CMD_DISC). Calls made after
-   * close fail with ESHUTDOWN.
+   * close fail with ENOTCONN (ESHUTDOWN is kept for the server's own NBD_ESHUTDOWN replies).
    */
   close(): Promise<void> {
     return (this.#closing ??= this.#close());
@@ -364,7 +390,7 @@ export class NbdClient {
 
   async #close(): Promise<void> {
     if (this.#inFlight > 0 || this.#waiting.size > 0) await new Promise<void>((r) => (this.#idle = r));
-    this.#broken ??= new BlockError('ESHUTDOWN', 'the client was closed');
+    this.#broken ??= new BlockError('ENOTCONN', 'the client was closed');
     for (const c of this.#conns) c.close();
   }
 
@@ -404,7 +430,7 @@ export class NbdClient {
 
   async #send(req: WireRequest, cost: number, signal: AbortSignal | undefined): Promise<Extent[] | undefined> {
     if (this.#broken) throw this.#broken;
-    if (this.#closing) throw new BlockError('ESHUTDOWN', 'the client is closing');
+    if (this.#closing) throw new BlockError('ENOTCONN', 'the client is closing');
     signal?.throwIfAborted();
     // Waiters go first, in order; a request larger than the budget runs alone.
     if (this.#waiting.size > 0 || !this.#fits(cost)) {
@@ -507,6 +533,7 @@ export class NbdClient {
     this.#broken = e;
     for (const c of this.#conns) c.destroy(e);
     this.#wake();
+    this.#onLost?.(e);
   }
 }
 

@@ -642,7 +642,7 @@ for (const mode of MODES) {
 // -----------------------------------------------------------------------------------
 // close()
 
-test('close() waits for requests in flight, then disconnects (the server session ends); later calls fail ESHUTDOWN', async () => {
+test('close() waits for requests in flight, then disconnects (the server session ends); later calls fail ENOTCONN', async () => {
   await withClient(async (c, dev, s) => {
     await c.pwrite(pattern(4096, 8), 0);
     dev.delay = (op) => (op === 'read' ? 100 : 0);
@@ -652,14 +652,14 @@ test('close() waits for requests in flight, then disconnects (the server session
     await until(() => dev.active === 1, 'the read at the device');
     const closing = c.close();
     assert.equal(c.close(), closing, 'one close');
-    await assert.rejects(c.pread(Buffer.alloc(1), 0), isBlockError('ESHUTDOWN'));
+    await assert.rejects(c.pread(Buffer.alloc(1), 0), isBlockError('ENOTCONN'));
     await bounded(reading, 'read in flight');
     assert.deepEqual(buf, pattern(4096, 8));
     await bounded(closing, 'close');
     await until(() => s.server.sessionCount === 0, 'the server session to end');
-    await assert.rejects(c.pread(Buffer.alloc(1), 0), isBlockError('ESHUTDOWN'));
-    await assert.rejects(c.flush(), isBlockError('ESHUTDOWN'));
-    await assert.rejects(c.blockStatus(0, 1), isBlockError('ESHUTDOWN'));
+    await assert.rejects(c.pread(Buffer.alloc(1), 0), isBlockError('ENOTCONN'));
+    await assert.rejects(c.flush(), isBlockError('ENOTCONN'));
+    await assert.rejects(c.blockStatus(0, 1), isBlockError('ENOTCONN'));
   });
 });
 
@@ -901,4 +901,22 @@ test('property: random pwrite/pread/zero/trim sequences leave the export equal t
     for (const c of clients) await bounded(c.close(), 'close').catch(() => undefined);
     await s.close();
   }
+});
+
+test('onLost is called once, with no request in flight, when the server goes away; error says why; close() calls nothing', async () => {
+  const lost: BlockError[] = [];
+  await withClient(
+    async (c, _dev, s) => {
+      assert.equal(c.error, null);
+      await s.server.close(0);
+      await until(() => lost.length === 1, 'onLost');
+      assert.equal(lost[0]!.code, 'ECONNRESET');
+      assert.equal(c.error, lost[0]);
+    },
+    { client: { onLost: (e) => lost.push(e) } },
+  );
+  assert.equal(lost.length, 1, 'called once');
+  const quiet: BlockError[] = [];
+  await withClient(async (c) => c.close(), { client: { onLost: (e) => quiet.push(e) } });
+  assert.deepEqual(quiet, [], 'a deliberate close is not a loss');
 });
