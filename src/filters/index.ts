@@ -1,6 +1,10 @@
 /** The built-in filters and the name each is registered under. */
 import type { FilterFactory } from '../device/stack.js';
 import { cowFilter } from './cow.js';
+import { delayFilter } from './delay.js';
+import { logFilter } from './log.js';
+import { rateFilter } from './rate.js';
+import { statsFilter } from './stats.js';
 import { errorFilter } from './error.js';
 import { readonlyFilter } from './readonly.js';
 import { writebackFilter } from './writeback.js';
@@ -9,6 +13,10 @@ export * from './readonly.js';
 export * from './writeback.js';
 export * from './error.js';
 export * from './cow.js';
+export * from './delay.js';
+export * from './rate.js';
+export * from './stats.js';
+export * from './log.js';
 
 /** Filter factories by the `type` a layer description names. */
 export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, FilterFactory>([
@@ -16,4 +24,8 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
   ['writeback', writebackFilter],
   ['error', errorFilter],
   ['cow', cowFilter],
+  ['delay', delayFilter],
+  ['rate', rateFilter],
+  ['stats', statsFilter],
+  ['log', logFilter],
 ]);
