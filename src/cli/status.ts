@@ -10,7 +10,7 @@
  */
 import { Command } from 'commander';
 import { toBlockError } from '../errors/index.js';
-import { formatSize } from '../device/index.js';
+import { formatSize, type LiveStats } from '../device/index.js';
 import { connectControl } from '../gate/control/client.js';
 import { defaultControlPath } from '../gate/control/server.js';
 import type { ExportStatus, StatusReport } from '../gate/control/gates.js';
@@ -23,6 +23,17 @@ function errseqText(e: ExportStatus['errseq']): string {
   return `last write-back error ${name} (${e.error}), ${e.seen ? 'seen' : 'not yet seen'}, counter ${e.counter} (errseq ${word})`;
 }
 
+/** One line per operation that has run: count, bytes, errors, latency percentiles. */
+function statsLines(st: LiveStats): string[] {
+  const lines: string[] = [];
+  for (const [op, f] of Object.entries(st.ops)) {
+    if (f.count === 0) continue;
+    const bytes = f.bytes > 0 ? `, ${formatSize(f.bytes)}` : '';
+    lines.push(`  ${op}: ${f.count} ops${bytes}, ${f.errors} errors, p50 ${f.p50Us} µs, p99 ${f.p99Us} µs`);
+  }
+  return lines.length > 0 ? [`  stats over ${st.elapsed.toFixed(1)} s:`, ...lines.map((l) => `  ${l}`)] : [`  stats over ${st.elapsed.toFixed(1)} s: no requests`];
+}
+
 /** The human form of a status report. */
 export function formatStatus(r: StatusReport): string {
   const out: string[] = [];
@@ -31,6 +42,7 @@ export function formatStatus(r: StatusReport): string {
     const gate = e.gate !== undefined ? `, gate unit ${e.gate}` : '';
     out.push(`export ${name}: ${e.description}, ${formatSize(e.size)}, ${e.readOnly ? 'read-only' : 'read-write'}${gate}`);
     out.push(`  ${errseqText(e.errseq)}`);
+    if (e.stats) out.push(...statsLines(e.stats));
     if (e.sessions.length === 0) out.push('  no sessions');
     for (const s of e.sessions) {
       out.push(`  session ${s.id} (${s.peer}${s.security ? `, ${s.security}` : ''}): ${s.errorPending ? 'ERROR PENDING (its next flush reports it)' : 'no error pending'}`);

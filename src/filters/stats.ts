@@ -19,7 +19,7 @@ import { FilterDevice } from '../device/filter.js';
 import type { BlockDevice, Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError, toBlockError } from '../errors/index.js';
-import { booleanSetting, parseSettings, settingsSchema } from '../device/index.js';
+import { booleanSetting, parseSettings, settingsSchema, type LiveStats, type OpFigures } from '../device/index.js';
 import { systemFilterClock, type FilterClock } from './delay.js';
 
 /** The operations counted, in the order a snapshot lists them. */
@@ -181,6 +181,17 @@ export class StatsFilter extends FilterDevice {
   }
 
   /** The figures so far, as a plain JSON-able object. */
+  /** The live figures `blockgate status` shows (src/device/live-stats.ts). */
+  liveStats(): LiveStats {
+    const s = this.snapshot();
+    const ops: Record<string, OpFigures> = {};
+    for (const op of STATS_OPS) {
+      const o = s.ops[op];
+      ops[op] = { count: o.count, bytes: o.bytes, errors: o.errors, p50Us: o.p50Us, p99Us: o.p99Us };
+    }
+    return { elapsed: s.elapsed, ops };
+  }
+
   snapshot(): StatsSnapshot {
     const ops = {} as Record<StatsOp, OpStats>;
     for (const op of STATS_OPS) {

@@ -7,7 +7,7 @@
  * channels); this module only keeps the NBD export table in step with it.
  */
 import { BlockError, toBlockError } from '../../errors/index.js';
-import type { BlockDevice, BlockSize, Capabilities, Extent } from '../../device/index.js';
+import { liveStatsOf, type BlockDevice, type BlockSize, type Capabilities, type Extent, type LiveStats } from '../../device/index.js';
 import type {
   GateCreateArgs,
   GateDestroyArgs,
@@ -158,6 +158,13 @@ export interface ExportStatus {
   readonly errseq: ErrSeqState;
   /** Per attached session: whether its next FLUSH would report a write-back error. */
   readonly sessions: SessionStatus[];
+  /** Live per-operation figures, when the export's stack has a stats filter. */
+  readonly stats?: LiveStats;
+}
+
+function liveStatsField(device: BlockDevice): { stats?: LiveStats } {
+  const stats = liveStatsOf(device);
+  return stats ? { stats } : {};
 }
 
 /** What STATUS returns (and `blockgate status` prints). */
@@ -234,6 +241,7 @@ export class GateService {
       ...(e instanceof GateExport ? { gate: e.gate.unit } : {}),
       errseq: e.errseq.describe(),
       sessions: e.sessions(),
+      ...liveStatsField(e.device),
     }));
     return { exports, gates: this.registry.list() };
   }
