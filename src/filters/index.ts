@@ -4,11 +4,20 @@ import { cowFilter } from './cow.js';
 import { errorFilter } from './error.js';
 import { readonlyFilter } from './readonly.js';
 import { writebackFilter } from './writeback.js';
+import { offsetFilter } from './offset.js';
+import { partitionFilter } from './partition.js';
+import { truncateFilter } from './truncate.js';
+import { blocksizeFilter } from './blocksize.js';
 
 export * from './readonly.js';
 export * from './writeback.js';
 export * from './error.js';
 export * from './cow.js';
+export * from './offset.js';
+export * from './partition.js';
+export * from './partition-table.js';
+export * from './truncate.js';
+export * from './blocksize.js';
 
 /** Filter factories by the `type` a layer description names. */
 export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, FilterFactory>([
@@ -16,4 +25,8 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
   ['writeback', writebackFilter],
   ['error', errorFilter],
   ['cow', cowFilter],
+  ['offset', offsetFilter],
+  ['partition', partitionFilter],
+  ['truncate', truncateFilter],
+  ['blocksize', blocksizeFilter],
 ]);

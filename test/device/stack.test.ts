@@ -55,7 +55,7 @@ function recordingRegistry(built: BlockDevice[]): StackRegistry {
 describe('buildStack with the real registry', () => {
   test('the default registry knows the built-in backends and filters', () => {
     assert.deepEqual([...defaultRegistry.backends.keys()].sort(), ['file', 'memory', 'null', 'pattern']);
-    assert.deepEqual([...defaultRegistry.filters.keys()], ['readonly', 'writeback', 'error', 'cow']);
+    assert.deepEqual([...defaultRegistry.filters.keys()], ['readonly', 'writeback', 'error', 'cow', 'offset', 'partition', 'truncate', 'blocksize']);
   });
 
   test('a backend alone', async () => {
@@ -108,7 +108,7 @@ describe('buildStack with the real registry', () => {
     const built: BlockDevice[] = [];
     await assert.rejects(
       buildStack({ backend: { type: 'memory', size: '1M' }, filters: [{ type: 'nope' }] }, recordingRegistry(built)),
-      (e) => e instanceof BlockError && e.code === 'EINVAL' && /unknown filter 'nope' \(known: readonly, writeback, error, cow, tag, boom\)/.test(e.message),
+      (e) => e instanceof BlockError && e.code === 'EINVAL' && /unknown filter 'nope' \(known: readonly, writeback, error, cow, offset, partition, truncate, blocksize, tag, boom\)/.test(e.message),
     );
     assert.equal(built.length, 1);
     await assert.rejects(built[0]!.read(Buffer.alloc(1), 0, 0), { code: 'EBADF' });
