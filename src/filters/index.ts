@@ -8,6 +8,10 @@ import { statsFilter } from './stats.js';
 import { errorFilter } from './error.js';
 import { readonlyFilter } from './readonly.js';
 import { writebackFilter } from './writeback.js';
+import { offsetFilter } from './offset.js';
+import { partitionFilter } from './partition.js';
+import { truncateFilter } from './truncate.js';
+import { blocksizeFilter } from './blocksize.js';
 
 export * from './readonly.js';
 export * from './writeback.js';
@@ -17,6 +21,11 @@ export * from './delay.js';
 export * from './rate.js';
 export * from './stats.js';
 export * from './log.js';
+export * from './offset.js';
+export * from './partition.js';
+export * from './partition-table.js';
+export * from './truncate.js';
+export * from './blocksize.js';
 
 /** Filter factories by the `type` a layer description names. */
 export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, FilterFactory>([
@@ -28,4 +37,8 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
   ['rate', rateFilter],
   ['stats', statsFilter],
   ['log', logFilter],
+  ['offset', offsetFilter],
+  ['partition', partitionFilter],
+  ['truncate', truncateFilter],
+  ['blocksize', blocksizeFilter],
 ]);
