@@ -17,6 +17,7 @@ import {
   MAX_REQUEST_SIZE,
   copyImage,
   copyWorkers,
+  isNbdUri,
   openCopyDestination,
   openCopySource,
   type CopyDestination,
@@ -139,6 +140,19 @@ function describe(name: string, e: OpenedEndpoint<CopySource | CopyDestination>)
   return `${name}: nbd, ${c.size} bytes, ${c.connections} connection${c.connections === 1 ? '' : 's'}${c.canMultiConn ? ' (multi-conn)' : ''}, ${c.mode} replies, ${contexts}`;
 }
 
+/** True if both name the same local file (a destination file is truncated on opening). */
+function sameFile(a: string, b: string): boolean {
+  if (a === '-' || b === '-' || isNbdUri(a) || isNbdUri(b)) return false;
+  if (a === b) return true;
+  try {
+    const x = fs.statSync(a);
+    const y = fs.statSync(b);
+    return x.dev === y.dev && x.ino === y.ino;
+  } catch {
+    return false;
+  }
+}
+
 async function runCopy(srcSpec: string, dstSpec: string, flags: CopyFlags): Promise<void> {
   const open = {
     connections: flags.connections,
@@ -156,7 +170,7 @@ async function runCopy(srcSpec: string, dstSpec: string, flags: CopyFlags): Prom
   process.once('SIGINT', onSignal);
   process.once('SIGTERM', onSignal);
   try {
-    if (srcSpec !== '-' && srcSpec === dstSpec) throw new CopyError('destination', new BlockError('EINVAL', `${dstSpec} is the source`));
+    if (sameFile(srcSpec, dstSpec)) throw new CopyError('destination', new BlockError('EINVAL', `${dstSpec} is the source`));
     dst = await openCopyDestination(dstSpec, open);
     if (flags.verbose) process.stderr.write(`blockgate copy: ${describe('source', src)}; ${describe('destination', dst)}\n`);
     if (flags.progress || flags.progressFd !== undefined) {

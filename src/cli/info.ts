@@ -159,7 +159,6 @@ async function runInfo(uriText: string, flags: InfoFlags): Promise<void> {
   }
   if (flags.list) {
     const listed = await NbdClient.list(uri);
-    const blocks: NbdClient[] = [];
     const texts: string[] = [];
     const jsons: Record<string, unknown>[] = [];
     let header: Record<string, unknown> | null = null;
@@ -171,7 +170,6 @@ async function runInfo(uriText: string, flags: InfoFlags): Promise<void> {
           if (texts.length === 0) texts.push(protocolLine(c));
           texts.push(exportText(c, u));
           jsons.push(exportJson(c, u));
-          blocks.push(c);
         }, e.name);
       } catch (err) {
         // Listed but not openable (a policy, TLS): what the list said.

@@ -1,8 +1,8 @@
 /**
  * The copy engine behind `blockgate copy` (nbdcopy's job), usable without the CLI:
  *
- *   const src = await openCopyEndpoint('nbd://a/disk', 'source');
- *   const dst = await openCopyEndpoint('disk.img', 'destination', { sourceSize: src.size });
+ *   const src = await openCopySource('nbd://a/disk');
+ *   const dst = await openCopyDestination('disk.img');
  *   try {
  *     const r = await copyImage(src.endpoint, dst.endpoint, { checksum: 'sha256' });
  *   } finally {

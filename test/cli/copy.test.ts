@@ -267,8 +267,11 @@ describe('blockgate copy', () => {
     const missing = await blockgateRun(['copy', path.join(tmp, 'missing.img'), 'null:']);
     assert.equal(missing.code, 1);
     assert.match(missing.stderr, /^blockgate copy: source: .*\(ENOENT\)\n$/);
-    const self = await blockgateRun(['copy', imageFile, imageFile]);
+    const link = path.join(tmp, 'link.raw');
+    fs.linkSync(imageFile, link);
+    const self = await blockgateRun(['copy', imageFile, link]);
     assert.equal(self.code, 1);
     assert.match(self.stderr, /is the source/);
+    assert.equal(fs.statSync(imageFile).size, IMAGE.length, 'the source was not truncated');
   });
 });
