@@ -8,8 +8,8 @@
  *
  * Differences from nbdinfo: the contexts shown are those selected (base:allocation and
  * any `--context`), not every context the server offers; there is no `content:` line
- * (nbdinfo runs file(1) on the first sector); the protocol is `newstyle-fixed` unless
- * the server fell back to NBD_OPT_EXPORT_NAME with simple replies.
+ * (nbdinfo runs file(1) on the first sector); the protocol is always `newstyle-fixed`
+ * (NbdClient does not tell fixed from plain newstyle, which no current server speaks).
  */
 import { Command, Option } from 'commander';
 import { BlockError } from '../errors/index.js';
@@ -60,8 +60,9 @@ function flagFields(c: NbdClient): [string, boolean][] {
   ];
 }
 
-function protocolName(c: NbdClient): string {
-  return c.mode === 'simple' && c.blockSize === null && c.description === '' ? 'newstyle' : 'newstyle-fixed';
+/** NbdClient does not say whether the server was fixed newstyle; every server it meets in practice is. */
+function protocolName(_c: NbdClient): string {
+  return 'newstyle-fixed';
 }
 
 function protocolLine(c: NbdClient): string {
