@@ -179,6 +179,14 @@ describe('blockgate copy', () => {
     assert.equal(stats(w.stderr).read, IMAGE.length);
     const back = await blockgateBin(['copy', dst.uri, '-']);
     assertSameBytes(back.stdout, IMAGE, 'stdin -> NBD -> stdout');
+
+    // stdin -> file: the file takes the stream's length; --no-extents reads holes too.
+    const file = local('from-stdin.img');
+    const f = await blockgateBin(['copy', '-', file], IMAGE.subarray(0, 5 * MiB + 77));
+    assert.equal(f.code, 0, f.stderr);
+    assertSameBytes(fs.readFileSync(file), IMAGE.subarray(0, 5 * MiB + 77), 'stdin -> file');
+    const all = stats((await copyOk(['-v', '--no-extents', src.uri, 'null:'])).stderr);
+    assert.equal(all.read, 32 * MiB);
   });
 
   test('a sparse 1 GiB export with 1 MiB of data: only ~1 MiB is read from the source', async () => {
