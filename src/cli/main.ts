@@ -10,6 +10,9 @@ import { ggatedCommand } from './ggated.js';
 import { ggatelCommand } from './ggatel.js';
 import { ggatecCommand } from './ggatec.js';
 import { statusCommand } from './status.js';
+import { infoCommand } from './info.js';
+import { mapCommand } from './map.js';
+import { copyCommand } from './copy.js';
 
 /** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
 function packageVersion(): string {
@@ -37,6 +40,9 @@ export function makeProgram(): Command {
   program.addCommand(ggatelCommand());
   program.addCommand(ggatecCommand());
   program.addCommand(statusCommand());
+  program.addCommand(infoCommand());
+  program.addCommand(mapCommand());
+  program.addCommand(copyCommand());
   return program;
 }
 
