@@ -12,6 +12,8 @@
  * A lost connection fails them with ECONNRESET: a transport failure, not a device error.
  */
 import type { Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
+import { lendReadBuffers } from '../io/lent-buffers.js';
 import { BlockError, fromNbdError } from '../errors/index.js';
 import { MODE, NBD_CMD, NBD_CMD_FLAG, NBD_MAGIC, NBD_REPLY_FLAG, NBD_REPLY_TYPE, NBD_SIZE, commandName, type Mode } from './constants.js';
 import { writeU64 } from '../io/wire.js';
@@ -40,6 +42,14 @@ export interface WireRequest {
   readonly contextId?: number | undefined;
 }
 
+/**
+ * READ data of at least this many bytes still to come is read by the kernel straight into
+ * the caller's buffer (no copy in JS); less goes through the receive buffer.
+ */
+export const DIRECT_READ_MINIMUM = 16 * 1024;
+/** The receive buffer of a plain (not TLS) connection, for headers and small payloads. */
+export const CLIENT_RECEIVE_BUFFER = 64 * 1024;
+
 /** What a request resolves with: extents for BLOCK_STATUS, else nothing. */
 export type WireResult = Extent[] | undefined;
 
@@ -55,6 +65,11 @@ interface Pending {
   covered: number;
   /** Called once when the request leaves the connection (its last reply, or the connection's end), abandoned or not. */
   readonly onEnd: (() => void) | undefined;
+  /**
+   * True if the caller may abandon it (it gave a signal): its data then never goes
+   * straight from the kernel into its buffer, where an abort could not stop it.
+   */
+  readonly abortable: boolean;
 }
 
 const S = { HEADER: 0, DATA: 1, PAYLOAD: 2, DATA_OFFSET: 3, CLOSED: 4 } as const;
@@ -74,6 +89,9 @@ export class NbdConnection {
 
   // Reply parsing.
   #state: State = S.HEADER;
+  readonly #rx = Buffer.allocUnsafe(CLIENT_RECEIVE_BUFFER);
+  /** The lent read in progress goes straight into the current READ's target. */
+  #direct = false;
   readonly #head = Buffer.alloc(NBD_SIZE.EXTENDED_REQUEST);
   #headFill = 0;
   #headNeed = 4;
@@ -93,11 +111,21 @@ export class NbdConnection {
    * connection ends other than by close().
    */
   constructor(socket: Socket, mode: Mode, rest: Buffer, onLost: (e: BlockError) => void) {
-    this.#socket = socket;
     this.#mode = mode;
     this.#onLost = onLost;
     socket.setNoDelay(true);
-    socket.on('data', (b: Buffer) => this.#parse(b));
+    // Plain TCP and unix sockets read into buffers this connection chooses: READ data
+    // goes straight into the caller's buffer (src/io/lent-buffers.ts; a TLS socket
+    // decrypts into buffers of its own, so it keeps 'data' events).
+    socket.pause();
+    const lent =
+      socket instanceof TLSSocket ? null : lendReadBuffers(socket, () => this.#nextReadBuffer(), (n, buf) => this.#onLentRead(n, buf as Buffer));
+    this.#socket = lent ?? socket;
+    socket = this.#socket;
+    if (!lent) {
+      socket.on('data', (b: Buffer) => this.#parse(b));
+      socket.resume();
+    }
     socket.on('error', (e) => this.#lose(new BlockError('ECONNRESET', `connection to the server failed: ${e.message}`, { cause: e })));
     socket.on('close', () => this.#lose(new BlockError('ECONNRESET', 'the server closed the connection')));
     if (rest.length > 0) this.#parse(rest);
@@ -152,7 +180,7 @@ export class NbdConnection {
           },
         };
       }
-      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false, covered: 0, onEnd };
+      const p: Pending = { req, ...settle, error: null, extents: null, abandoned: false, covered: 0, onEnd, abortable: signal !== undefined };
       this.#pending.set(cookie, p);
       this.#write(cookie, req);
     });
@@ -283,6 +311,26 @@ export class NbdConnection {
         }
       }
     }
+  }
+
+  /** Where the next lent read goes: into the READ target when enough of its data is due, else the receive buffer. */
+  #nextReadBuffer(): Uint8Array {
+    const p = this.#current;
+    if (this.#state === S.DATA && p !== null && !p.abandoned && !p.abortable && p.req.target && this.#dataLeft >= DIRECT_READ_MINIMUM) {
+      this.#direct = true;
+      return p.req.target.subarray(this.#dataPos, this.#dataPos + this.#dataLeft);
+    }
+    this.#direct = false;
+    return this.#rx;
+  }
+
+  #onLentRead(n: number, buf: Buffer): void {
+    if (!this.#direct) return this.#parse(buf.subarray(0, n));
+    // The bytes are already where they belong.
+    this.#direct = false;
+    this.#dataPos += n;
+    this.#dataLeft -= n;
+    if (this.#dataLeft === 0) this.#chunkDone();
   }
 
   #headerSize(magic: number): number {
