@@ -46,6 +46,21 @@ export { NbdDevice, nbdBackend, nbdBackendWith, parseNbdSettings, NBD_BACKEND_DE
 export type { NbdDeviceOptions, NbdDeviceEvent } from './nbd/nbd-backend.js';
 export { serveRegistry } from './cli/registry.js';
 export { parseNbdUri, formatNbdUri } from './nbd/uri.js';
+export {
+  copyImage,
+  openCopySource,
+  openCopyDestination,
+  nbdSource,
+  nbdDestination,
+  fileSource,
+  fileDestination,
+  nullDestination,
+  streamSource,
+  streamDestination,
+  CopyError,
+  COPY_DEFAULTS,
+} from './nbd/copy.js';
+export type { CopySource, CopyDestination, CopyOptions, CopyResult, CopySide } from './nbd/copy.js';
 export type { NbdUri, NbdTransport } from './nbd/uri.js';
 export * from './gate/index.js';
 export * from './ggate/index.js';
