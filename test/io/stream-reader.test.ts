@@ -59,7 +59,8 @@ test('any chunking and any read sizes give back the same bytes (property)', asyn
     fc.asyncProperty(
       fc.uint8Array({ minLength: 1, maxLength: 300 }),
       fc.array(fc.integer({ min: 1, max: 64 }), { minLength: 1, maxLength: 20 }),
-      fc.array(fc.integer({ min: 0, max: 80 }), { minLength: 1, maxLength: 20 }),
+      // Zero-length reads mixed in, but never only those: the reads must get through the data.
+      fc.array(fc.integer({ min: 0, max: 80 }), { minLength: 1, maxLength: 20 }).filter((a) => a.some((n) => n > 0)),
       async (raw, chunkSizes, readSizes) => {
         const data = Buffer.from(raw);
         const s = new PassThrough();
