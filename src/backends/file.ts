@@ -38,8 +38,7 @@ import { BlockError, toBlockError, type ErrnoCode } from '../errors/index.js';
 import { formatSize } from '../device/size.js';
 import { REQ, type BlockDevice, type Capabilities, type Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
-import {
-  DEFAULT_BLOCK_SIZE,
+import { DEFAULT_BLOCK_SIZE,
   booleanSetting,
   closedError,
   parseSettings,
@@ -47,8 +46,7 @@ import {
   readOnlyError,
   settingsSchema,
   singleExtent,
-  sizeSetting,
-} from '../device/index.js';
+  sizeSetting, pathSetting } from '../device/index.js';
 
 /**
  * zero() writes at most this many bytes per fs.write: 1 MiB, large enough to amortise
@@ -494,7 +492,7 @@ export class FileDevice implements BlockDevice {
 }
 
 const fileSettings = settingsSchema({
-  path: v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
+  path: pathSetting,
   size: v.optional(sizeSetting),
   create: booleanSetting,
   readonly: booleanSetting,

@@ -23,6 +23,15 @@ export const sizeSetting = v.pipe(
 );
 
 /** An optional boolean setting. */
+/** A file path setting (required where used bare; wrap in v.optional for an optional one). */
+export const pathSetting = v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty'));
+
+/** A whole-number setting such as a PRNG seed. */
+export const wholeNumberSetting = v.pipe(
+  v.number((issue) => `expected a whole number, got ${issue.received}`),
+  v.safeInteger('expected a whole number'),
+);
+
 export const booleanSetting = v.optional(v.boolean((issue) => `expected true or false, got ${issue.received}`));
 
 /**

@@ -20,7 +20,7 @@ import { FilterDevice } from '../device/filter.js';
 import { REQ, type BlockDevice, type Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError } from '../errors/index.js';
-import { parseSettings, settingsSchema, booleanSetting } from '../device/index.js';
+import { parseSettings, settingsSchema, booleanSetting, wholeNumberSetting } from '../device/index.js';
 import { Xorshift32 } from './error.js';
 
 /** The time source of the timing filters. */
@@ -268,10 +268,7 @@ const delaySettings = settingsSchema({
   'delay-fast-zero': booleanSetting,
   jitter: v.optional(durationSetting),
   seed: v.optional(
-    v.pipe(
-      v.number((issue) => `expected a whole number, got ${issue.received}`),
-      v.safeInteger('expected a whole number'),
-    ),
+    wholeNumberSetting,
   ),
 });
 

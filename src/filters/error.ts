@@ -23,7 +23,7 @@ import { FilterDevice } from '../device/filter.js';
 import type { BlockDevice, Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError, ERRNO, type ErrnoCode } from '../errors/index.js';
-import { parseSettings, settingsSchema, sizeSetting } from '../device/index.js';
+import { parseSettings, settingsSchema, sizeSetting, pathSetting, wholeNumberSetting } from '../device/index.js';
 import { REQ_WRITEBACK } from './writeback.js';
 
 /** The operations a failure can be injected into. */
@@ -190,13 +190,10 @@ const errorSettings = settingsSchema({
   offset: v.optional(sizeSetting),
   length: v.optional(sizeSetting),
   file: v.optional(
-    v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
+    pathSetting,
   ),
   seed: v.optional(
-    v.pipe(
-      v.number((issue) => `expected a whole number, got ${issue.received}`),
-      v.safeInteger('expected a whole number'),
-    ),
+    wholeNumberSetting,
   ),
 });
 

@@ -24,12 +24,11 @@
  */
 import * as fs from 'node:fs';
 import { once } from 'node:events';
-import * as v from 'valibot';
 import { FilterDevice } from '../device/filter.js';
 import { REQ, type BlockDevice, type Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError, isBlockError, toBlockError } from '../errors/index.js';
-import { booleanSetting, parseSettings, settingsSchema } from '../device/index.js';
+import { booleanSetting, parseSettings, settingsSchema, pathSetting } from '../device/index.js';
 import { systemFilterClock, type FilterClock } from './delay.js';
 import { REQ_WRITEBACK } from './writeback.js';
 
@@ -226,7 +225,7 @@ export class LogFilter extends FilterDevice {
 }
 
 const logSettings = settingsSchema({
-  logfile: v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
+  logfile: pathSetting,
   logappend: booleanSetting,
 });
 

@@ -19,7 +19,7 @@ import { FilterDevice } from '../device/filter.js';
 import type { BlockDevice, Extent } from '../device/types.js';
 import type { LayerDescription } from '../device/stack.js';
 import { BlockError, toBlockError } from '../errors/index.js';
-import { booleanSetting, parseSettings, settingsSchema, type LiveStats, type OpFigures } from '../device/index.js';
+import { booleanSetting, parseSettings, settingsSchema, type LiveStats, type OpFigures, pathSetting } from '../device/index.js';
 import { systemFilterClock, type FilterClock } from './delay.js';
 
 /** The operations counted, in the order a snapshot lists them. */
@@ -249,7 +249,7 @@ export function statsOf(device: BlockDevice): StatsFilter | undefined {
 
 const statsSettings = settingsSchema({
   statsfile: v.optional(
-    v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
+    pathSetting,
   ),
   statsappend: booleanSetting,
 });
