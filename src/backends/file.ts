@@ -493,7 +493,8 @@ export class FileDevice implements BlockDevice {
   }
 }
 
-const fileSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const fileSettings = settingsSchema({
   path: v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
   size: v.optional(sizeSetting),
   create: booleanSetting,

@@ -5,3 +5,4 @@ export * from './size.js';
 export * from './stack.js';
 export * from './settings.js';
 export * from './defaults.js';
+export * from './settings-info.js';

@@ -29,3 +29,6 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
   ['stats', statsFilter],
   ['log', logFilter],
 ]);
+
+/** Each filter's settings schema (src/filters/settings-registry.ts). */
+export { FILTER_SETTINGS } from './settings-registry.js';

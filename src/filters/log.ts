@@ -225,7 +225,8 @@ export class LogFilter extends FilterDevice {
   }
 }
 
-const logSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const logSettings = settingsSchema({
   logfile: v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
   logappend: booleanSetting,
 });

@@ -236,7 +236,8 @@ export function statsOf(device: BlockDevice): StatsFilter | undefined {
   return undefined;
 }
 
-const statsSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const statsSettings = settingsSchema({
   statsfile: v.optional(
     v.pipe(v.string((issue) => `expected a path string, got ${issue.received}`), v.minLength(1, 'must not be empty')),
   ),
