@@ -2,7 +2,14 @@
  * The layering of src/, as docs/ARCHITECTURE.md draws it, checked against the code: every
  * import between folders must be an edge of the table in the "Layers and what they may
  * import" section, no module may import itself back through others (no cycles), and no
- * module may hide an edge behind a dynamic import().
+ * module may hide an edge behind a dynamic import of a literal specifier.
+ *
+ * The dynamic-import rule is narrow on purpose: what it guards against is an edge
+ * between modules of src/ that this check cannot see, and such an edge always has a
+ * literal specifier (`import('../nbd/x.js')`). Loading a user's plugin by the path given
+ * on the command line or in a config file needs a dynamic import of a computed specifier;
+ * that is no edge inside src/, but it is kept to the one module that loads plugins
+ * (src/cli/plugin-loader.ts), so that a computed import elsewhere still fails here.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -45,6 +52,10 @@ function layerOf(file: string): string {
 const STATIC = /(?:^|\n)\s*(?:import|export)\s[^;]*?\sfrom\s*['"]([^'"]+)['"]/g;
 const SIDE_EFFECT = /(?:^|\n)\s*import\s*['"]([^'"]+)['"]/g;
 const DYNAMIC = /\bimport\s*\(/;
+/** A dynamic import whose specifier is a string or template literal: an edge hidden from this check. */
+const DYNAMIC_LITERAL = /\bimport\s*\(\s*['"`]/;
+/** The one module allowed a dynamic import (of a computed specifier: the user's plugin path). */
+const PLUGIN_LOADER = 'src/cli/plugin-loader.ts';
 
 function importsOf(file: string): string[] {
   const text = fs.readFileSync(file, 'utf8');
@@ -107,7 +118,12 @@ test('no module of src/ imports itself back through others', () => {
   assert.deepEqual(cycles, []);
 });
 
-test('no module of src/ uses a dynamic import() (it would hide an edge from this check)', () => {
+test('no module of src/ uses a dynamic import of a literal specifier (it would hide an edge from this check)', () => {
+  const literal = files.filter((f) => DYNAMIC_LITERAL.test(fs.readFileSync(f, 'utf8'))).map((f) => path.relative(ROOT, f));
+  assert.deepEqual(literal, []);
+});
+
+test(`only ${PLUGIN_LOADER} uses a dynamic import at all (of a user's plugin path)`, () => {
   const dynamic = files.filter((f) => DYNAMIC.test(fs.readFileSync(f, 'utf8'))).map((f) => path.relative(ROOT, f));
-  assert.deepEqual(dynamic, []);
+  assert.deepEqual(dynamic.filter((f) => f !== PLUGIN_LOADER), []);
 });

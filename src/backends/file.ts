@@ -491,7 +491,8 @@ export class FileDevice implements BlockDevice {
   }
 }
 
-const fileSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const fileSettings = settingsSchema({
   path: pathSetting,
   size: v.optional(sizeSetting),
   create: booleanSetting,

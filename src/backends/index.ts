@@ -1,9 +1,10 @@
 /** The built-in backends and the name each is registered under. */
 import type { BackendFactory } from '../device/stack.js';
-import { fileBackend } from './file.js';
-import { memoryBackend } from './memory.js';
-import { nullBackend } from './null.js';
-import { patternBackend } from './pattern.js';
+import type { GenericSchema } from 'valibot';
+import { fileBackend, fileSettings } from './file.js';
+import { memoryBackend, memorySettings } from './memory.js';
+import { nullBackend, nullSettings } from './null.js';
+import { patternBackend, patternSettings } from './pattern.js';
 
 
 export * from './memory.js';
@@ -17,4 +18,12 @@ export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, Bac
   ['file', fileBackend],
   ['null', nullBackend],
   ['pattern', patternBackend],
+]);
+
+/** Each backend's settings schema, by the same name (what `blockgate plugins` lists). */
+export const BACKEND_SETTINGS: ReadonlyMap<string, GenericSchema> = new Map<string, GenericSchema>([
+  ['memory', memorySettings],
+  ['file', fileSettings],
+  ['null', nullSettings],
+  ['pattern', patternSettings],
 ]);

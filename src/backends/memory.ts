@@ -274,7 +274,8 @@ export class MemoryDevice implements BlockDevice {
   }
 }
 
-const memorySettings = settingsSchema({ size: sizeSetting, readonly: booleanSetting });
+/** The settings schema (listed by `blockgate plugins`). */
+export const memorySettings = settingsSchema({ size: sizeSetting, readonly: booleanSetting });
 
 /** Backend factory: `{ type: 'memory', size, readonly? }`. */
 export function memoryBackend(desc: LayerDescription): MemoryDevice {

@@ -97,7 +97,8 @@ export class NullDevice implements BlockDevice {
   }
 }
 
-const nullSettings = settingsSchema({ size: v.optional(sizeSetting, 0), readonly: booleanSetting });
+/** The settings schema (listed by `blockgate plugins`). */
+export const nullSettings = settingsSchema({ size: v.optional(sizeSetting, 0), readonly: booleanSetting });
 
 /** Backend factory: `{ type: 'null', size?, readonly? }` (size defaults to 0). */
 export function nullBackend(desc: LayerDescription): NullDevice {

@@ -130,7 +130,8 @@ export class PatternDevice implements BlockDevice {
   }
 }
 
-const patternSettings = settingsSchema({ size: sizeSetting });
+/** The settings schema (listed by `blockgate plugins`). */
+export const patternSettings = settingsSchema({ size: sizeSetting });
 
 /** Backend factory: `{ type: 'pattern', size }`. */
 export function patternBackend(desc: LayerDescription): PatternDevice {

@@ -19,6 +19,7 @@
  *   }
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { InvalidArgumentError } from 'commander';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
@@ -147,7 +148,47 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */
-const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'nbd:URI'] as const;
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'nbd:URI', 'plugin:PATH'] as const;
+
+/**
+ * Whether an export or `--filter` argument names a plugin module: a path starting with
+ * `./`, `../` or `/` and ending in `.js`, `.mjs`, `.cjs`, `.ts`, `.mts` or `.cts`.
+ */
+export function isPluginPath(spec: string): boolean {
+  return /^(?:\.{1,2}\/|\/)/.test(spec) && /\.(?:m?js|cjs|m?ts|cts)$/.test(spec);
+}
+
+/** An argument that starts an export of its own (so it is never taken for a plugin's `key=value`). */
+function isExportForm(value: string): boolean {
+  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|nbd|plugin):/i.test(value) || isPluginPath(value);
+}
+
+/**
+ * Parses the export arguments of the command line: each as parseExportSpec, and after a
+ * plugin export (`./mydisk.js`, `plugin:PATH`, either as `NAME=...`) the `key=value`
+ * arguments that follow are its settings, as nbdkit's `plugin key=value`. A `key=value`
+ * whose value is itself an export form (`disk=memory:1G`) starts the next export instead.
+ */
+export function parseExportSpecs(specs: readonly string[], readOnly = false): ExportConfig[] {
+  const out: ExportConfig[] = [];
+  for (let i = 0; i < specs.length; i++) {
+    const e = parseExportSpec(specs[i]!, readOnly);
+    if (e.backend.type !== 'plugin') {
+      out.push(e);
+      continue;
+    }
+    const settings: Record<string, string> = {};
+    while (i + 1 < specs.length) {
+      const m = /^([A-Za-z_][\w.-]*)=(.*)$/s.exec(specs[i + 1]!);
+      if (!m || isExportForm(m[2]!)) break;
+      if (m[1] === 'type' || m[1] === 'path') throw new BlockError('EINVAL', `export '${specs[i]}': '${m[1]}' is not a plugin setting`);
+      settings[m[1]!] = m[2]!;
+      i++;
+    }
+    out.push({ ...e, backend: { ...e.backend, ...settings } });
+  }
+  return out;
+}
 
 /** An NBD URI given as an export on its own (`nbd://`, `nbds://`, `nbd+unix://`, `nbds+unix://`). */
 const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
@@ -160,6 +201,10 @@ const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
  *   `nbd+unix:///name?socket=PATH`, `nbds+unix://...`): re-export another server's
  *   export through the `nbd` backend, with its default settings (retries etc.; a config
  *   file can set them). The URI is checked when the backend is built;
+ * - `./PATH.js` (a path starting `./`, `../` or `/`, ending .js, .mjs, .ts ...) or
+ *   `plugin:PATH`: a backend plugin module (docs/PLUGINS.md), `{ type: 'plugin', path }`
+ *   with the path made absolute; its settings are the `key=value` arguments after it
+ *   (parseExportSpecs);
  * - `NAME=` followed by any form, to name the export (else it is named '').
  *
  * `NAME=` is recognised only before the first ':', so a URI's own `?socket=...` is never
@@ -183,6 +228,11 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
     const uri = NBD_URI.test(rest) ? rest : rest.slice(4);
     if (uri === '') throw new BlockError('EINVAL', `export '${spec}': nbd: needs a URI, e.g. nbd:nbd://127.0.0.1:10809/name`);
     return { name, backend: { type: 'nbd', uri, ...(readOnly ? { readonly: true } : {}) }, readOnly };
+  }
+  if (/^plugin:/i.test(rest) || isPluginPath(rest)) {
+    const file = /^plugin:/i.test(rest) ? rest.slice(7) : rest;
+    if (file === '') throw new BlockError('EINVAL', `export '${spec}': plugin: needs the path of a plugin module, e.g. plugin:./mydisk.js`);
+    return { name, backend: { type: 'plugin', path: path.resolve(file) }, readOnly };
   }
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
   const typed = /^([A-Za-z][A-Za-z0-9-]*):/.exec(rest);

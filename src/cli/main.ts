@@ -13,6 +13,7 @@ import { statusCommand } from './status.js';
 import { infoCommand } from './info.js';
 import { mapCommand } from './map.js';
 import { copyCommand } from './copy.js';
+import { pluginsCommand } from './plugins.js';
 
 /** The package version, found whether this runs from src/ (tsx) or dist/src/ (built). */
 function packageVersion(): string {
@@ -43,6 +44,7 @@ export function makeProgram(): Command {
   program.addCommand(infoCommand());
   program.addCommand(mapCommand());
   program.addCommand(copyCommand());
+  program.addCommand(pluginsCommand());
   return program;
 }
 

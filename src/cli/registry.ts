@@ -1,15 +1,30 @@
 /**
  * The registry `blockgate serve` builds stacks with: the built-ins plus the `nbd`
  * backend, which lives in src/nbd (it speaks the protocol, and src/backends and
- * src/export may not import src/nbd), so it joins here, above both.
+ * src/export may not import src/nbd), so it joins here, above both, and the `plugin`
+ * backend and filter (a module loaded by path, src/cli/plugin-loader.ts).
  */
 import type { Logger } from 'pino';
 import { defaultRegistry, extendRegistry } from '../export/registry.js';
 import type { StackRegistry } from '../device/index.js';
-import { nbdBackend, nbdBackendWith, type NbdDeviceEvent } from '../nbd/nbd-backend.js';
+import type { GenericSchema } from 'valibot';
+import { nbdBackend, nbdBackendWith, nbdSettings, type NbdDeviceEvent } from '../nbd/nbd-backend.js';
+import { BACKEND_SETTINGS } from '../backends/index.js';
+import { FILTER_SETTINGS } from '../filters/index.js';
+import { pluginLayers } from './plugin-loader.js';
 
-/** Every built-in backend and filter, and `nbd`. */
-export const serveRegistry: StackRegistry = extendRegistry(defaultRegistry, { backends: { nbd: nbdBackend } });
+/** Every built-in backend and filter, `nbd`, and `plugin`. */
+export const serveRegistry: StackRegistry = withPlugins(extendRegistry(defaultRegistry, { backends: { nbd: nbdBackend } }));
+
+/** The settings schemas of serveRegistry's built-in layers (`plugin` has the plugin's own). */
+export const serveSettings: { readonly backends: ReadonlyMap<string, GenericSchema>; readonly filters: ReadonlyMap<string, GenericSchema> } = {
+  backends: new Map([...BACKEND_SETTINGS, ['nbd', nbdSettings]]),
+  filters: FILTER_SETTINGS,
+};
+
+function withPlugins(registry: StackRegistry, log?: Logger): StackRegistry {
+  return extendRegistry(registry, pluginLayers(log));
+}
 
 /** Logs an nbd device's losses (warn), reconnections (info) and the writes put at risk (error). */
 export function logNbdEvent(log: Logger, e: NbdDeviceEvent, remote: string): void {
@@ -34,5 +49,5 @@ export function logNbdEvent(log: Logger, e: NbdDeviceEvent, remote: string): voi
 
 /** {@link serveRegistry} whose nbd devices log to `log`. */
 export function serveRegistryLogging(log: Logger): StackRegistry {
-  return extendRegistry(defaultRegistry, { backends: { nbd: nbdBackendWith((e, remote) => logNbdEvent(log, e, remote)) } });
+  return withPlugins(extendRegistry(defaultRegistry, { backends: { nbd: nbdBackendWith((e, remote) => logNbdEvent(log, e, remote)) } }), log);
 }

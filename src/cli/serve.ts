@@ -37,9 +37,10 @@ import {
   LOG_LEVELS,
   parseConfig,
   parsePort,
-  parseExportSpec,
+  parseExportSpecs,
   type ServeConfig,
 } from './config.js';
+import { collectFilter, effectiveConfig } from './filter-option.js';
 
 /** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
@@ -58,6 +59,7 @@ const CONFIG_CONFLICTS = [
   'tlsVerifyPeer',
   'allow',
   'deny',
+  'filter',
 ] satisfies (keyof ServeFlags)[];
 
 interface ServeFlags {
@@ -80,6 +82,9 @@ interface ServeFlags {
   tlsVerifyPeer?: boolean;
   allow?: string[];
   deny?: string[];
+  /** `--filter` layers, the first nearest the client (src/cli/filter-option.ts). */
+  filter?: LayerDescription[];
+  dumpConfig?: boolean;
 }
 
 /** Collects a repeatable option's values. */
@@ -125,10 +130,13 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
     } catch (e) {
       throw new BlockError('EINVAL', `${flags.config}: ${(e as Error).message}`, { cause: e });
     }
-    const cfg = parseConfig(raw, flags.config);
+    const cfg = resolvePluginPaths(parseConfig(raw, flags.config), path.dirname(path.resolve(flags.config)));
     return { ...cfg, logLevel: cfg.logLevel ?? (flags.logLevel as ServeConfig['logLevel']) };
   }
-  const exports = (specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC]).map((s) => parseExportSpec(s, flags.readOnly));
+  const filters = flags.filter ?? [];
+  const exports = parseExportSpecs(specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC], flags.readOnly).map((e) =>
+    filters.length > 0 ? { ...e, filters: [...filters] } : e,
+  );
   if (flags.description && exports[0]) exports[0] = { ...exports[0], description: flags.description };
   const port = flags.port;
   const security = {
@@ -146,6 +154,23 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
     { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
     'command line',
   );
+}
+
+/** A plugin layer's relative `path` made absolute against `dir` (a config file's directory). */
+function resolvePluginLayer(layer: LayerDescription, dir: string): LayerDescription {
+  return layer.type === 'plugin' && typeof layer.path === 'string' ? { ...layer, path: path.resolve(dir, layer.path) } : layer;
+}
+
+/** Every plugin path of a config file, relative to the file's directory, made absolute. */
+function resolvePluginPaths(cfg: ServeConfig, dir: string): ServeConfig {
+  return {
+    ...cfg,
+    exports: cfg.exports.map((e) => ({
+      ...e,
+      backend: resolvePluginLayer(e.backend, dir) as typeof e.backend,
+      ...(e.filters ? { filters: e.filters.map((f) => resolvePluginLayer(f, dir) as typeof f) } : {}),
+    })),
+  };
 }
 
 /** What buildExports needs of an export (a config file's entry, or a test's). */
@@ -219,6 +244,10 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
     throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
   }
   const cfg = configFromFlags(specs, flags);
+  if (flags.dumpConfig) {
+    process.stdout.write(`${JSON.stringify(effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), null, 2)}\n`);
+    return 0;
+  }
   const log = stderrLogger(cfg.logLevel ?? 'info');
   const exports = await buildExports(cfg, flags.config ?? 'command line', serveRegistryLogging(log));
   exports.forEach((e, i) => {
@@ -308,7 +337,7 @@ export function serveCommand(): Command {
     .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
     .argument(
       '[export...]',
-      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, NAME=... to name one',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI, plugin:PATH), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
     )
     .addOption(
       // The file says where to listen and what to serve; rather than guess which of the
@@ -330,6 +359,12 @@ export function serveCommand(): Command {
     .option('--tls-verify-peer', 'require a client certificate signed by DIR/ca-cert.pem')
     .option('--allow <rule>', 'admit only clients matching: an address, CIDR range (v4 or v6) or uid:N for unix sockets (repeatable)', collect)
     .option('--deny <rule>', 'refuse clients matching an address, CIDR range or uid:N (repeatable; wins over --allow)', collect)
+    .option(
+      '--filter <name[:key=value,...]>',
+      'put a filter over every export: a built-in (readonly, error:ops=read+write, writeback:maxDirty=64M, ...) or a plugin module ./myfilter.js[:key=value,...]; repeatable, the first nearest the client (as nbdkit); see blockgate plugins',
+      collectFilter,
+    )
+    .option('--dump-config', 'print the effective configuration (listeners, exports with backend and filters) as --config JSON and exit')
     .option('--run <command>', "captive mode: serve on a private unix socket, run COMMAND with $uri set, exit with its status")
     .option('--control <path>', 'control socket for gate handlers (blockgate ggatel) and blockgate status (default: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else /tmp/blockgate-<uid>/ctl.sock; mode 0600)')
     .option('--no-control', 'open no control socket')

@@ -6,3 +6,4 @@ export * from './stack.js';
 export * from './settings.js';
 export * from './defaults.js';
 export * from './live-stats.js';
+export * from './settings-info.js';

@@ -291,7 +291,8 @@ export class BlocksizeFilter extends FilterDevice {
   }
 }
 
-const blocksizeSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const blocksizeSettings = settingsSchema({
   minblock: v.optional(sizeSetting),
   maxdata: v.optional(sizeSetting),
   maxlen: v.optional(sizeSetting),

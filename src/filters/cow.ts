@@ -490,7 +490,8 @@ const layerSchema = v.looseObject(
   (issue) => `expected a filter description object, got ${issue.received}`,
 );
 
-const cowSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const cowSettings = settingsSchema({
   upper: v.optional(
     v.picklist(COW_UPPER_KINDS, (issue) => `expected one of ${COW_UPPER_KINDS.join(', ')}, got ${issue.received}`),
   ),

@@ -255,7 +255,8 @@ export const durationSetting = v.pipe(
   }),
 );
 
-const delaySettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const delaySettings = settingsSchema({
   rdelay: v.optional(durationSetting),
   wdelay: v.optional(durationSetting),
   'delay-read': v.optional(durationSetting),

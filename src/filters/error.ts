@@ -160,7 +160,8 @@ export class ErrorFilter extends FilterDevice {
   }
 }
 
-const errorSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const errorSettings = settingsSchema({
   error: v.optional(
     v.picklist(ERRNO_CODES, (issue) => `expected an errno name such as EIO or ENOSPC, got ${issue.received}`),
   ),

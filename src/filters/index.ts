@@ -42,3 +42,6 @@ export const FILTERS: ReadonlyMap<string, FilterFactory> = new Map<string, Filte
   ['truncate', truncateFilter],
   ['blocksize', blocksizeFilter],
 ]);
+
+/** Each filter's settings schema (src/filters/settings-registry.ts). */
+export { FILTER_SETTINGS } from './settings-registry.js';

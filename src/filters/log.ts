@@ -224,7 +224,8 @@ export class LogFilter extends FilterDevice {
   }
 }
 
-const logSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const logSettings = settingsSchema({
   logfile: pathSetting,
   logappend: booleanSetting,
 });

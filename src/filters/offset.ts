@@ -98,7 +98,8 @@ export function shiftExtents(below: readonly Extent[], by: number, size: number)
   return out;
 }
 
-const offsetSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const offsetSettings = settingsSchema({
   offset: v.optional(sizeSetting),
   range: v.optional(sizeSetting),
 });

@@ -56,7 +56,8 @@ async function readRounded(dev: BlockDevice, offset: number, length: number): Pr
   return buf.subarray(offset - start, offset - start + length);
 }
 
-const partitionSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const partitionSettings = settingsSchema({
   partition: v.pipe(
     v.number((issue) => `expected a partition number (1, 2, ...), got ${issue.received}`),
     v.safeInteger('expected a whole number'),

@@ -168,7 +168,8 @@ const PER_CONNECTION =
 const DYNAMIC = 'changing the rate while serving is not supported; restart with a new rate';
 const refused = (message: string) => v.optional(v.custom<never>(() => false, message));
 
-const rateSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const rateSettings = settingsSchema({
   rate: rateSetting,
   'read-rate': rateSetting,
   'write-rate': rateSetting,

@@ -38,7 +38,8 @@ export class ReadonlyFilter extends FilterDevice {
   }
 }
 
-const readonlySettings = settingsSchema({});
+/** The settings schema (listed by `blockgate plugins`). */
+export const readonlySettings = settingsSchema({});
 
 /** Filter factory: `{ type: 'readonly' }` (no settings). */
 export function readonlyFilter(next: BlockDevice, desc: LayerDescription): ReadonlyFilter {

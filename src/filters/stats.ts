@@ -247,7 +247,8 @@ export function statsOf(device: BlockDevice): StatsFilter | undefined {
   return undefined;
 }
 
-const statsSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const statsSettings = settingsSchema({
   statsfile: v.optional(
     pathSetting,
   ),

@@ -137,7 +137,8 @@ export class TruncateFilter extends FilterDevice {
 
 const roundSetting = v.optional(sizeSetting);
 
-const truncateSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const truncateSettings = settingsSchema({
   size: v.optional(sizeSetting),
   roundUp: roundSetting,
   roundDown: roundSetting,

@@ -607,7 +607,8 @@ export class WritebackFilter extends FilterDevice {
   }
 }
 
-const writebackSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const writebackSettings = settingsSchema({
   maxDirty: v.optional(sizeSetting),
   onError: v.optional(
     v.picklist(WRITEBACK_ON_ERROR, (issue) => `expected one of ${WRITEBACK_ON_ERROR.join(', ')}, got ${issue.received}`),

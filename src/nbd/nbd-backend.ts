@@ -582,7 +582,8 @@ const uriSetting = v.pipe(
   }),
 );
 
-const nbdSettings = settingsSchema({
+/** The settings schema (listed by `blockgate plugins`). */
+export const nbdSettings = settingsSchema({
   uri: uriSetting,
   connections: v.optional(intSetting(1, MAX_CLIENT_CONNECTIONS)),
   retries: v.optional(intSetting(0, MAX_NBD_RETRIES)),

@@ -22,12 +22,13 @@ export const CLIENT_TIMEOUT_MS = 60_000;
 export function run(
   cmd: string,
   args: readonly string[],
-  opts: { input?: string | Buffer; env?: Record<string, string>; timeoutMs?: number } = {},
+  opts: { input?: string | Buffer; env?: Record<string, string>; timeoutMs?: number; cwd?: string } = {},
 ): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(cmd, args, {
       env: { ...process.env, PATH: DEBIAN_PATH, ...opts.env },
       stdio: ['pipe', 'pipe', 'pipe'],
+      ...(opts.cwd !== undefined ? { cwd: opts.cwd } : {}),
     });
     const out: Buffer[] = [];
     const err: Buffer[] = [];
@@ -51,7 +52,7 @@ export function run(
 export async function runOk(
   cmd: string,
   args: readonly string[],
-  opts: { input?: string | Buffer; env?: Record<string, string>; timeoutMs?: number } = {},
+  opts: { input?: string | Buffer; env?: Record<string, string>; timeoutMs?: number; cwd?: string } = {},
 ): Promise<RunResult> {
   const r = await run(cmd, args, opts);
   if (r.code !== 0) {
