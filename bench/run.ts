@@ -7,6 +7,7 @@
  *   npm run bench -- --ci         # regression guard: blockgate vs nbdkit memory only (< 1 min)
  *   npm run bench -- --servers a,b  # only these server kinds (of the mode's), e.g. blockgate-memory,blockgate-memory-tls
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
+ *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -17,6 +18,13 @@
  * a local file unless the program calls nbd_set_uri_allow_local_file, which nbdcopy does
  * and fio 3.33's nbd engine does not, so fio runs with a small LD_PRELOAD shim (built
  * here with cc) that makes that call before nbd_connect_uri.
+ *
+ * The copy rows (after the servers) time the `blockgate copy` command (from dist/, with
+ * its shebang's V8 flags) against nbdcopy on the same source and destination, nbdkit
+ * memory servers at both NBD ends: NBD -> null:, file -> NBD, NBD -> NBD, and a sparse
+ * source (a few MiB written) behind nbdkit's stats filter, which counts the bytes each
+ * tool read. Client CPU is the child's rusage (this process's cutime + cstime across the
+ * run, /proc/self/stat).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -25,6 +33,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
+import { NbdClient } from '../src/nbd/client.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -41,7 +50,32 @@ interface Mode {
   readonly workloads: readonly Workload[];
   /** The workloads of the TLS kinds (a subset of `workloads`). */
   readonly tlsWorkloads: readonly Workload[];
+  /** The copy rows (blockgate copy vs nbdcopy). */
+  readonly copyCases: readonly CopyCase[];
 }
+
+/**
+ * A copy row: `nbd-null` NBD -> null:, `file-nbd` the data file -> NBD, `nbd-nbd` NBD ->
+ * NBD, `sparse-null` a sparse NBD export -> null:; with 1 or 4 connections (-C).
+ */
+type CopyPath = 'nbd-null' | 'file-nbd' | 'nbd-nbd' | 'sparse-null';
+interface CopyCase {
+  readonly path: CopyPath;
+  readonly conns: 1 | 4;
+}
+const COPY_PATHS: readonly CopyPath[] = ['nbd-null', 'file-nbd', 'nbd-nbd', 'sparse-null'];
+const ALL_COPY_CASES: readonly CopyCase[] = COPY_PATHS.flatMap((p) => [1, 4].map((c) => ({ path: p, conns: c as 1 | 4 })));
+const COPY_TITLES: Record<CopyPath, string> = {
+  'nbd-null': 'NBD -> null:',
+  'file-nbd': 'file -> NBD',
+  'nbd-nbd': 'NBD -> NBD',
+  'sparse-null': 'sparse NBD -> null:',
+};
+type CopyTool = 'blockgate' | 'nbdcopy';
+const COPY_TOOLS: readonly CopyTool[] = ['blockgate', 'nbdcopy'];
+/** The sparse source: SPARSE_CHUNKS pieces of SPARSE_CHUNK bytes of data, spread evenly. */
+const SPARSE_CHUNKS = 8;
+const SPARSE_CHUNK = 512 * 1024;
 
 type ServerKind =
   | 'blockgate-memory'
@@ -90,8 +124,8 @@ const ALL_SERVERS: readonly ServerKind[] = [
 const TLS_WORKLOADS: readonly Workload[] = ['seq-read-c1', 'seq-write-c1', 'rand-read-qd32', 'rand-write-qd32'];
 
 const MODES: Record<Mode['name'], Mode> = {
-  full: { name: 'full', size: 4 * 2 ** 30, runs: 3, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS },
-  quick: { name: 'quick', size: 512 * 2 ** 20, runs: 1, fioSeconds: 2, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS },
+  full: { name: 'full', size: 4 * 2 ** 30, runs: 3, fioSeconds: 5, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS, copyCases: ALL_COPY_CASES },
+  quick: { name: 'quick', size: 512 * 2 ** 20, runs: 1, fioSeconds: 2, servers: ALL_SERVERS, workloads: ALL_WORKLOADS, tlsWorkloads: TLS_WORKLOADS, copyCases: ALL_COPY_CASES },
   ci: {
     name: 'ci',
     size: 256 * 2 ** 20,
@@ -101,6 +135,8 @@ const MODES: Record<Mode['name'], Mode> = {
     workloads: ['seq-read-c1', 'seq-write-c1', 'rand-read-qd32', 'rand-write-qd32'],
     // One short TLS row (a 256 MiB read each), so that the guard stays under a minute.
     tlsWorkloads: ['seq-read-c1'],
+    // One copy row (a 256 MiB read each), for the same reason.
+    copyCases: [{ path: 'nbd-null', conns: 1 }],
   },
 };
 
@@ -323,8 +359,8 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
   return { kind, child, pid, uri, canWrite: true };
 }
 
-async function stopServer(r: Running): Promise<void> {
-  if (r.child.exitCode !== null) return;
+async function stopServer(r: { readonly child: ChildProcess }): Promise<void> {
+  if (r.child.exitCode !== null || r.child.signalCode !== null) return;
   const done = new Promise<void>((resolve) => r.child.on('exit', () => resolve()));
   r.child.kill('SIGTERM');
   const t = setTimeout(() => r.child.kill('SIGKILL'), 10_000);
@@ -424,6 +460,286 @@ int nbd_connect_uri(struct nbd_handle *h, const char *uri) {
   return so;
 }
 
+// ---------------------------------------------------------------------------------
+// Copy rows: `blockgate copy` against nbdcopy
+
+/** CPU seconds (user + system) of this process's children that have been waited for: cutime + cstime. */
+function childCpuSeconds(): number {
+  const stat = fs.readFileSync('/proc/self/stat', 'utf8');
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[13]) + Number(fields[14])) / clkTck;
+}
+
+/** One copy by one tool. */
+interface CopySample {
+  /** Wall time of the command, start-up and connecting included, seconds. */
+  readonly wall: number;
+  /** The client's CPU seconds (user + system, its rusage). */
+  readonly cpu: number;
+  /** CPU seconds of the NBD servers (source and destination) during the copy. */
+  readonly serverCpu: number;
+  /** Bytes read from the source as blockgate's `-v` line reports them (blockgate only). */
+  readonly bytesRead: number | null;
+  /** The copy's own time from blockgate's `-v` line (connected to done: no start-up), seconds. */
+  readonly engine: number | null;
+  /** Bytes the source server answered READs with (nbdkit's stats filter; the sparse rows only). */
+  readonly sourceBytesRead: number | null;
+}
+
+interface CopyFigure {
+  readonly path: CopyPath;
+  readonly conns: number;
+  readonly tool: CopyTool;
+  /** Image bytes copied per run (the export size). */
+  readonly size: number;
+  readonly wall: { readonly median: number; readonly min: number; readonly max: number };
+  /** MiB of the image per second of wall time (median). */
+  readonly mibps: number;
+  /** Client CPU seconds per GiB of the image (median). */
+  readonly cpuPerGiB: number;
+  /** Server CPU seconds per GiB of the image (median; source + destination). */
+  readonly serverCpuPerGiB: number;
+  readonly bytesRead: number | null;
+  readonly sourceBytesRead: number | null;
+  /** MiB/s over the `-v` line's time (blockgate only): without process start-up and connecting. */
+  readonly engineMibps: number | null;
+  /** The connections the tool opened (nbdcopy caps -C at its thread count, the number of cores). */
+  readonly openedConns: number | null;
+}
+
+/** A plain nbdkit server for the copy rows (memory plugin unless `args` say otherwise). */
+interface CopyServer {
+  readonly child: ChildProcess;
+  readonly pid: number;
+  readonly uri: string;
+}
+
+const copyLive = new Set<ChildProcess>();
+
+async function startNbdkit(args: string[]): Promise<CopyServer> {
+  const port = await freePort();
+  const child = spawn('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), ...args], { env: { ...process.env, PATH }, stdio: ['ignore', 'ignore', 'pipe'] });
+  copyLive.add(child);
+  child.on('exit', () => copyLive.delete(child));
+  let err = '';
+  child.stderr!.on('data', (b: Buffer) => (err = (err + b.toString()).slice(-4000)));
+  try {
+    await waitForPort(port, child);
+    return { child, pid: serverPid(child.pid!, 'nbdkit'), uri: `nbd://127.0.0.1:${port}/` };
+  } catch (e) {
+    child.kill('SIGKILL');
+    throw new Error(`nbdkit ${args.join(' ')}: ${(e as Error).message}: ${err}`);
+  }
+}
+
+/** Parses nbdkit's stats filter file: the bytes of the `read:` line (0 when there were no reads). */
+function statsBytesRead(file: string): number {
+  const m = /^read: \d+ ops, [\d.]+ s, ([\d.]+) (bytes|KiB|MiB|GiB|TiB)/m.exec(fs.readFileSync(file, 'utf8'));
+  if (!m) return 0;
+  const unit = { bytes: 1, KiB: 2 ** 10, MiB: 2 ** 20, GiB: 2 ** 30, TiB: 2 ** 40 }[m[2] as 'bytes'];
+  return Math.round(Number(m[1]) * unit);
+}
+
+/** The same options for both tools: the defaults of both (64 requests of 256 KiB per connection), `-C conns`. */
+async function runCopyTool(tool: CopyTool, src: string, dst: string, conns: number, servers: readonly CopyServer[]): Promise<Omit<CopySample, 'sourceBytesRead'> & { opened: number | null }> {
+  const common = ['-C', String(conns), '-R', '64', '--request-size=262144'];
+  let cmd: string;
+  let args: string[];
+  if (tool === 'nbdcopy') {
+    cmd = 'nbdcopy';
+    args = [...common, src, dst];
+  } else {
+    cmd = process.execPath;
+    // As the `blockgate` command starts (its shebang carries V8_FLAGS).
+    args = [...V8_FLAGS, path.join(ROOT, 'dist/src/cli/main.js'), 'copy', '-v', ...common, src, dst];
+    // BENCH_CLIENT_NODE_OPTIONS: extra node flags for `blockgate copy` (e.g. --cpu-prof --cpu-prof-dir=DIR).
+    if (process.env.BENCH_CLIENT_NODE_OPTIONS) args.unshift(...process.env.BENCH_CLIENT_NODE_OPTIONS.split(' ').filter(Boolean));
+  }
+  const s0 = servers.reduce((a, s) => a + cpuSeconds(s.pid), 0);
+  const c0 = childCpuSeconds();
+  const t0 = process.hrtime.bigint();
+  const r = await sh(cmd, args, { timeoutMs: 600_000 });
+  const wall = Number(process.hrtime.bigint() - t0) / 1e9;
+  const cpu = childCpuSeconds() - c0;
+  const serverCpu = servers.reduce((a, s) => a + cpuSeconds(s.pid), 0) - s0;
+  if (r.code !== 0) throw new Error(`${tool} ${src} ${dst} failed (${r.code}): ${r.stderr.slice(-2000)}`);
+  let bytesRead: number | null = null;
+  let engine: number | null = null;
+  let opened: number | null = null;
+  if (tool === 'blockgate') {
+    const m = /in ([\d.]+) s \([^)]*\): read (\d+) bytes from the source/.exec(r.stderr);
+    if (!m) throw new Error(`blockgate copy -v printed no statistics: ${r.stderr.slice(-2000)}`);
+    engine = Number(m[1]);
+    bytesRead = Number(m[2]);
+    opened = Math.max(0, ...[...r.stderr.matchAll(/nbd, \d+ bytes, (\d+) connection/g)].map((x) => Number(x[1])));
+  }
+  return { wall, cpu, serverCpu, bytesRead, engine, opened };
+}
+
+const nbdcopyOpened = new Map<number, number | null>();
+
+/**
+ * The connections nbdcopy opens for `-C conns` (its -v line; it caps them at its thread
+ * count, by default the number of cores), asked of a small server of its own.
+ */
+async function nbdcopyConnections(conns: number): Promise<number | null> {
+  if (!nbdcopyOpened.has(conns)) {
+    const srv = await startNbdkit(['memory', 'size=1M']);
+    try {
+      const r = await sh('nbdcopy', ['-v', '-C', String(conns), srv.uri, 'null:']);
+      const m = /connections=(\d+)/.exec(r.stderr);
+      nbdcopyOpened.set(conns, m ? Number(m[1]) : null);
+    } finally {
+      await stopServer(srv);
+    }
+  }
+  return nbdcopyOpened.get(conns)!;
+}
+
+async function fillSparse(uri: string, size: number): Promise<void> {
+  const c = await NbdClient.connect(uri, { connections: 1 });
+  try {
+    const buf = crypto.randomBytes(SPARSE_CHUNK);
+    const step = Math.floor(size / SPARSE_CHUNKS / 2 ** 20) * 2 ** 20;
+    for (let i = 0; i < SPARSE_CHUNKS; i++) await c.pwrite(buf, i * step);
+    await c.flush();
+  } finally {
+    await c.close();
+  }
+}
+
+/**
+ * The copy rows. Servers are started once per row group (path) and stopped by PID, but
+ * the sparse rows start a fresh source per copy: nbdkit's stats filter writes its counts
+ * only when nbdkit exits. Memory exports are filled before timing (untimed: the first write
+ * into fresh memory is slow on these VMs), destinations included; each tool makes one
+ * untimed copy per group first (page cache, server warm). Within a run the tools alternate
+ * who goes first.
+ */
+async function copyRows(mode: Mode, data: string, tmp: string): Promise<CopyFigure[]> {
+  const out: CopyFigure[] = [];
+  const size = mode.size;
+  const record = (c: CopyCase, tool: CopyTool, samples: CopySample[], opened: number | null) => {
+    const walls = samples.map((x) => x.wall);
+    const f: CopyFigure = {
+      path: c.path,
+      conns: c.conns,
+      tool,
+      size,
+      wall: { median: median(walls), min: Math.min(...walls), max: Math.max(...walls) },
+      mibps: size / 2 ** 20 / median(walls),
+      cpuPerGiB: median(samples.map((x) => (x.cpu / size) * 2 ** 30)),
+      serverCpuPerGiB: median(samples.map((x) => (x.serverCpu / size) * 2 ** 30)),
+      bytesRead: samples[0]!.bytesRead === null ? null : median(samples.map((x) => x.bytesRead!)),
+      sourceBytesRead: samples[0]!.sourceBytesRead === null ? null : median(samples.map((x) => x.sourceBytesRead!)),
+      engineMibps: samples[0]!.engine === null ? null : size / 2 ** 20 / median(samples.map((x) => x.engine!)),
+      openedConns: opened,
+    };
+    out.push(f);
+    const engine = f.engineMibps !== null ? ` (${fmt(f.engineMibps)} without start-up)` : '';
+    const extra = f.sourceBytesRead !== null ? `, source read ${fmt(f.sourceBytesRead / 2 ** 20, 2)} MiB` : '';
+    process.stderr.write(
+      `  copy ${c.path.padEnd(12)} C${c.conns} ${tool.padEnd(9)} ${fmt(f.wall.median, 3)} s (${fmt(f.wall.min, 3)}-${fmt(f.wall.max, 3)}), ${fmt(f.mibps)} MiB/s${engine}, client ${fmt(f.cpuPerGiB, 2)} CPU s/GiB${extra}\n`,
+    );
+  };
+  for (const p of COPY_PATHS) {
+    const cases = mode.copyCases.filter((c) => c.path === p);
+    if (cases.length === 0) continue;
+    const servers: CopyServer[] = [];
+    try {
+      if (p === 'sparse-null') {
+        for (const c of cases) {
+          const samples: Record<CopyTool, CopySample[]> = { blockgate: [], nbdcopy: [] };
+          let opened: number | null = null;
+          for (let i = 0; i < mode.runs; i++) {
+            for (const tool of i % 2 ? [...COPY_TOOLS].reverse() : COPY_TOOLS) {
+              const statsfile = path.join(tmp, `stats-${tool}-${c.conns}-${i}.txt`);
+              const srv = await startNbdkit(['--filter=stats', 'memory', `size=${size}`, `statsfile=${statsfile}`]);
+              try {
+                await fillSparse(srv.uri, size);
+                const r = await runCopyTool(tool, srv.uri, 'null:', c.conns, [srv]);
+                await stopServer(srv);
+                samples[tool].push({ ...r, sourceBytesRead: statsBytesRead(statsfile) });
+                if (tool === 'blockgate') opened = r.opened;
+              } finally {
+                await stopServer(srv);
+              }
+            }
+          }
+          for (const tool of COPY_TOOLS) record(c, tool, samples[tool], tool === 'nbdcopy' ? await nbdcopyConnections(c.conns) : opened);
+        }
+        continue;
+      }
+      // The group's servers: a source holding the data, and/or a destination (prefilled).
+      let src = data;
+      let dst = 'null:';
+      if (p === 'nbd-null' || p === 'nbd-nbd') {
+        const s = await startNbdkit(['memory', `size=${size}`]);
+        servers.push(s);
+        await nbdcopy(data, s.uri, 4);
+        src = s.uri;
+      }
+      if (p === 'file-nbd' || p === 'nbd-nbd') {
+        const d = await startNbdkit(['memory', `size=${size}`]);
+        servers.push(d);
+        await nbdcopy(data, d.uri, 4);
+        dst = d.uri;
+      }
+      for (const tool of COPY_TOOLS) await runCopyTool(tool, src, dst, cases[0]!.conns, servers);
+      for (const c of cases) {
+        const samples: Record<CopyTool, CopySample[]> = { blockgate: [], nbdcopy: [] };
+        let opened: number | null = null;
+        for (let i = 0; i < mode.runs; i++) {
+          for (const tool of i % 2 ? [...COPY_TOOLS].reverse() : COPY_TOOLS) {
+            const r = await runCopyTool(tool, src, dst, c.conns, servers);
+            if (tool === 'blockgate') opened = r.opened;
+            samples[tool].push({ ...r, sourceBytesRead: null });
+          }
+        }
+        record(c, 'blockgate', samples.blockgate, opened);
+        record(c, 'nbdcopy', samples.nbdcopy, await nbdcopyConnections(c.conns));
+      }
+    } finally {
+      for (const s of servers) await stopServer(s);
+    }
+  }
+  return out;
+}
+
+/** The copy table: per row, both tools' MiB/s and wall time, the ratio, client CPU per GiB, bytes read (sparse). */
+export function renderCopyTable(figs: readonly CopyFigure[], mode: Mode): string {
+  const get = (c: CopyCase, t: CopyTool) => figs.find((f) => f.path === c.path && f.conns === c.conns && f.tool === t);
+  const lines = [
+    '| copy | -C (opened: blockgate / nbdcopy) | blockgate MiB/s (wall s, min–max) | nbdcopy MiB/s (wall s, min–max) | blockgate/nbdcopy | blockgate MiB/s without start-up (-v time) | client CPU s/GiB: blockgate / nbdcopy | CPU ratio | servers CPU s/GiB: blockgate / nbdcopy | bytes read: blockgate (-v; source stats) / nbdcopy (source stats) |',
+    '|---|---|---|---|---|---|---|---|---|---|',
+  ];
+  const cell = (f: CopyFigure) => `${fmt(f.mibps)} (${fmt(f.wall.median, 3)} s, ${fmt(f.wall.min, 3)}–${fmt(f.wall.max, 3)})`;
+  const mib = (n: number | null) => (n === null ? '—' : `${fmt(n / 2 ** 20, 2)} MiB`);
+  for (const c of mode.copyCases) {
+    const b = get(c, 'blockgate');
+    const n = get(c, 'nbdcopy');
+    if (!b || !n) continue;
+    const read = c.path === 'sparse-null' ? `${mib(b.bytesRead)} (${mib(b.sourceBytesRead)}) / ${mib(n.sourceBytesRead)}` : '—';
+    lines.push(
+      `| ${COPY_TITLES[c.path]} | ${c.conns} (${b.openedConns ?? '?'} / ${n.openedConns ?? '?'}) | ${cell(b)} | ${cell(n)} | ${fmt(b.mibps / n.mibps, 2)} | ${b.engineMibps === null ? '—' : fmt(b.engineMibps)} | ${fmt(b.cpuPerGiB, 2)} / ${fmt(n.cpuPerGiB, 2)} | ${n.cpuPerGiB > 0 ? fmt(b.cpuPerGiB / n.cpuPerGiB, 2) : '—'} | ${fmt(b.serverCpuPerGiB, 2)} / ${fmt(n.serverCpuPerGiB, 2)} | ${read} |`,
+    );
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+/** True when dist/ is missing or older than a source file (the bench runs blockgate from dist/). */
+function distStale(): boolean {
+  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  if (!fs.existsSync(main)) return true;
+  const built = fs.statSync(main).mtimeMs;
+  const newer = (dir: string): boolean =>
+    fs.readdirSync(dir, { withFileTypes: true }).some((e) => {
+      const p = path.join(dir, e.name);
+      return e.isDirectory() ? newer(p) : e.name.endsWith('.ts') && fs.statSync(p).mtimeMs > built;
+    });
+  return newer(path.join(ROOT, 'src'));
+}
+
 function fmt(n: number, digits = 0): string {
   return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
@@ -439,12 +755,20 @@ async function main(): Promise<void> {
     if (wanted.length === 0 || unknown.length > 0) throw new Error(`--servers: expected some of ${ALL_SERVERS.join(',')}${unknown.length ? `, not ${unknown.join(',')}` : ''}`);
     mode = { ...base, servers: ALL_SERVERS.filter((k) => wanted.includes(k)) };
   }
+  const copyOnly = argv.includes('--copy-only');
+  const withCopy = !argv.includes('--no-copy');
+  if (copyOnly && !withCopy) throw new Error('--copy-only and --no-copy exclude each other');
+  if (copyOnly) mode = { ...mode, servers: [] };
+  if (!withCopy) mode = { ...mode, copyCases: [] };
   const ji = argv.indexOf('--json');
   const jsonOut = ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/latest.json');
   for (const tool of ['nbdkit', 'qemu-nbd', 'nbdcopy', 'fio']) {
     if ((await sh('which', [tool])).code !== 0) throw new Error(`${tool} is not installed (apt-get install nbdkit qemu-utils libnbd-bin fio)`);
   }
-  if (!fs.existsSync(path.join(ROOT, 'dist/src/cli/main.js'))) await must('npm', ['run', 'build']);
+  if (distStale()) {
+    process.stderr.write('bench: building dist/ (missing or older than src/)\n');
+    await must('npm', ['run', 'build']);
+  }
   clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
 
   const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
@@ -455,8 +779,10 @@ async function main(): Promise<void> {
   const results: ServerResult[] = [];
   let current: Running | null = null;
   let fioShim: string | null = null;
+  let copyFigures: CopyFigure[] = [];
   const cleanup = () => {
     current?.child.kill('SIGKILL');
+    for (const c of copyLive) c.kill('SIGKILL');
     fs.rmSync(tmp, { recursive: true, force: true });
   };
   process.on('SIGINT', () => {
@@ -464,7 +790,9 @@ async function main(): Promise<void> {
     process.exit(130);
   });
   try {
-    process.stderr.write(`bench: ${mode.name} mode, ${mode.size / 2 ** 20} MiB exports, ${mode.runs} run(s) per figure\n`);
+    process.stderr.write(
+      `bench: ${mode.name} mode, ${mode.size / 2 ** 20} MiB exports, ${mode.runs} run(s) per figure, ${mode.servers.length} server kind(s), ${mode.copyCases.length} copy row(s)\n`,
+    );
     await must('sh', ['-c', `head -c ${mode.size} /dev/urandom > '${data}'`], 600_000);
     // psktool's format (what `psktool -u bench -p FILE` writes): identity:hexkey, 32 random bytes.
     const pskFile = path.join(tmp, 'bench.psk');
@@ -509,11 +837,13 @@ async function main(): Promise<void> {
         current = null;
       }
     }
+    fs.rmSync(fileExport, { force: true });
+    if (mode.copyCases.length > 0) copyFigures = await copyRows(mode, data, tmp);
   } finally {
     cleanup();
   }
-  const table = renderTable(results, mode);
-  process.stdout.write(table);
+  if (results.length > 0) process.stdout.write(renderTable(results, mode));
+  if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
     jsonOut,
@@ -528,6 +858,7 @@ async function main(): Promise<void> {
         clkTck,
         tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
+        copy: copyFigures,
       },
       null,
       2,
