@@ -81,6 +81,8 @@ type ServerKind =
   | 'blockgate-memory'
   | 'blockgate-memory-tls'
   | 'blockgate-file'
+  /** A paged RAM disk plugin written on blockgate/plugin's base class (bench/plugin-memory.mjs). */
+  | 'blockgate-plugin'
   | 'nbdkit-memory'
   | 'nbdkit-memory-tls'
   | 'nbdkit-file'
@@ -113,6 +115,7 @@ const ALL_SERVERS: readonly ServerKind[] = [
   // TLS 1.3 with a pre-shared key (the same memory export), next to the plain ones.
   'blockgate-memory-tls',
   'nbdkit-memory-tls',
+  'blockgate-plugin',
   'blockgate-file',
   'nbdkit-file',
   'qemu-nbd-file',
@@ -142,7 +145,10 @@ const MODES: Record<Mode['name'], Mode> = {
 
 const isTls = (k: ServerKind): boolean => k.endsWith('-tls');
 const isMemory = (k: ServerKind): boolean => k.includes('-memory');
-const workloadsOf = (k: ServerKind, mode: Mode): readonly Workload[] => (isTls(k) ? mode.tlsWorkloads : mode.workloads);
+/** What the plugin row measures: the adapter's cost per request shows at 4 KiB QD32. */
+const PLUGIN_WORKLOADS: readonly Workload[] = ['seq-read-c1', 'seq-write-c1', 'rand-read-qd32', 'rand-write-qd32'];
+const workloadsOf = (k: ServerKind, mode: Mode): readonly Workload[] =>
+  isTls(k) ? mode.tlsWorkloads : k === 'blockgate-plugin' ? mode.workloads.filter((w) => PLUGIN_WORKLOADS.includes(w)) : mode.workloads;
 
 /** What the TLS kinds need: the PSK file, and the fio shim (null when it could not be built). */
 interface TlsSetup {
@@ -294,6 +300,7 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
     case 'blockgate-memory':
     case 'blockgate-memory-tls':
     case 'blockgate-file':
+    case 'blockgate-plugin':
       cmd = process.execPath;
       name = 'node';
       // As the `blockgate` command starts (its shebang carries V8_FLAGS).
@@ -306,7 +313,7 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
         '-l',
         'warn',
         ...(kind === 'blockgate-memory-tls' ? ['--tls', 'require', '--tls-psk', psk] : []),
-        kind === 'blockgate-file' ? `file:${file}` : `memory:${size}`,
+        ...(kind === 'blockgate-file' ? [`file:${file}`] : kind === 'blockgate-plugin' ? [path.join(ROOT, 'bench/plugin-memory.mjs'), `size=${size}`] : [`memory:${size}`]),
       ];
       // BENCH_SERVER_NODE_OPTIONS: extra node flags for blockgate only (e.g. --cpu-prof --cpu-prof-dir=DIR).
       if (process.env.BENCH_SERVER_NODE_OPTIONS) args.unshift(...process.env.BENCH_SERVER_NODE_OPTIONS.split(' ').filter(Boolean));
@@ -876,6 +883,7 @@ const RATIOS: readonly { readonly title: string; readonly a: ServerKind; readonl
   { title: 'blockgate-tls/nbdkit-tls', a: 'blockgate-memory-tls', b: 'nbdkit-memory-tls' },
   { title: 'blockgate TLS/plain', a: 'blockgate-memory-tls', b: 'blockgate-memory' },
   { title: 'nbdkit TLS/plain', a: 'nbdkit-memory-tls', b: 'nbdkit-memory' },
+  { title: 'plugin/built-in memory', a: 'blockgate-plugin', b: 'blockgate-memory' },
 ];
 
 /**
