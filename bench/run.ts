@@ -8,6 +8,7 @@
  *   npm run bench -- --servers a,b  # only these server kinds (of the mode's), e.g. blockgate-memory,blockgate-memory-tls
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
+ *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -734,6 +735,78 @@ export function renderCopyTable(figs: readonly CopyFigure[], mode: Mode): string
   return `${lines.join('\n')}\n`;
 }
 
+/**
+ * The start-up row: how long a command takes from spawn to exit when it has nothing to do,
+ * `blockgate serve --run true memory:1G` (nbdkit's captive mode: serve, run `true`, exit)
+ * against `nbdkit memory 1G --run true` and the floor of any Node.js program, `node -e 0`.
+ * blockgate runs from dist/ with its shebang's V8 flags, as the installed command does.
+ * The commands take turns within each round (the order rotating), so the load of a
+ * shared machine falls on all of them alike; the median of STARTUP_RUNS[mode] rounds is
+ * reported with min and max, and every median as a ratio to `node -e 0`'s.
+ */
+const STARTUP_RUNS: Record<Mode['name'], number> = { full: 21, quick: 11, ci: 11 };
+
+interface StartupFigure {
+  readonly name: string;
+  readonly command: string;
+  readonly medianMs: number;
+  readonly minMs: number;
+  readonly maxMs: number;
+  /** medianMs over the median of `node -e 0`. */
+  readonly vsNode: number;
+}
+
+function startupCommands(): { readonly name: string; readonly argv: readonly string[] }[] {
+  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  return [
+    { name: 'node -e 0', argv: [process.execPath, '-e', '0'] },
+    { name: 'blockgate serve --run true memory:1G', argv: [process.execPath, ...V8_FLAGS, main, 'serve', '--run', 'true', 'memory:1G'] },
+    { name: 'blockgate --help', argv: [process.execPath, ...V8_FLAGS, main, '--help'] },
+    { name: 'nbdkit memory 1G --run true', argv: ['nbdkit', 'memory', '1G', '--run', 'true'] },
+  ];
+}
+
+/** Wall milliseconds from spawn to exit of one command (its output discarded); throws unless it exits 0. */
+function timeSpawn(argv: readonly string[]): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = process.hrtime.bigint();
+    const c = spawn(argv[0]!, argv.slice(1), { env: { ...process.env, PATH }, stdio: 'ignore' });
+    c.on('error', reject);
+    c.on('exit', (code, signal) => {
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6;
+      if (code === 0) resolve(ms);
+      else reject(new Error(`${argv.join(' ')} exited ${code ?? signal}`));
+    });
+  });
+}
+
+async function startupRow(runs: number): Promise<StartupFigure[]> {
+  const cmds = startupCommands();
+  const times = cmds.map(() => [] as number[]);
+  for (const c of cmds) await timeSpawn(c.argv); // untimed: the page cache warm for every one
+  for (let round = 0; round < runs; round++) {
+    for (let k = 0; k < cmds.length; k++) {
+      const i = (k + round) % cmds.length;
+      times[i]!.push(await timeSpawn(cmds[i]!.argv));
+    }
+  }
+  const floor = median(times[0]!);
+  return cmds.map((c, i) => ({
+    name: c.name,
+    command: c.argv.map((a) => (a === process.execPath ? 'node' : path.isAbsolute(a) ? path.relative(ROOT, a) : a)).join(' '),
+    medianMs: median(times[i]!),
+    minMs: Math.min(...times[i]!),
+    maxMs: Math.max(...times[i]!),
+    vsNode: median(times[i]!) / floor,
+  }));
+}
+
+export function renderStartupTable(figs: readonly StartupFigure[], runs: number): string {
+  const lines = [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 |`, '|---|---|---|'];
+  for (const f of figs) lines.push(`| \`${f.name}\` | ${fmt(f.medianMs)} (${fmt(f.minMs)}–${fmt(f.maxMs)}) | ${fmt(f.vsNode, 2)} |`);
+  return `${lines.join('\n')}\n`;
+}
+
 /** True when dist/ is missing or older than a source file (the bench runs blockgate from dist/). */
 function distStale(): boolean {
   const main = path.join(ROOT, 'dist/src/cli/main.js');
@@ -762,6 +835,7 @@ async function main(): Promise<void> {
     if (wanted.length === 0 || unknown.length > 0) throw new Error(`--servers: expected some of ${ALL_SERVERS.join(',')}${unknown.length ? `, not ${unknown.join(',')}` : ''}`);
     mode = { ...base, servers: ALL_SERVERS.filter((k) => wanted.includes(k)) };
   }
+  const startupOnly = argv.includes('--startup-only');
   const copyOnly = argv.includes('--copy-only');
   const withCopy = !argv.includes('--no-copy');
   if (copyOnly && !withCopy) throw new Error('--copy-only and --no-copy exclude each other');
@@ -777,6 +851,13 @@ async function main(): Promise<void> {
     await must('npm', ['run', 'build']);
   }
   clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
+  const startupRuns = STARTUP_RUNS[mode.name];
+  process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
+  const startup = await startupRow(startupRuns);
+  if (startupOnly) {
+    process.stdout.write(renderStartupTable(startup, startupRuns));
+    return;
+  }
 
   const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
   const tmp = fs.mkdtempSync(path.join(shm, 'blockgate-bench-'));
@@ -851,6 +932,7 @@ async function main(): Promise<void> {
   }
   if (results.length > 0) process.stdout.write(renderTable(results, mode));
   if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
+  process.stdout.write(`\n${renderStartupTable(startup, startupRuns)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
     jsonOut,
@@ -866,6 +948,7 @@ async function main(): Promise<void> {
         tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
         copy: copyFigures,
+        startup: { runs: startupRuns, figures: startup },
       },
       null,
       2,

@@ -1,101 +1,38 @@
 /**
- * The package as a user gets it: `npm pack` of the repository, `npm install -g` of the
- * tarball into a temporary prefix, and the installed `blockgate` command run from an
- * unrelated directory with that prefix first in PATH.
+ * The package as a user gets it (test/helpers/installed-package.ts): `npm pack` of the
+ * working tree, `npm install -g` of the tarball into a temporary prefix, and the
+ * installed `blockgate` command run from an unrelated directory with that prefix first in
+ * PATH; its man pages where npm puts them, PREFIX/share/man/manN.
  *
- * What is packed is the working tree (tracked files and untracked files not ignored by
- * .gitignore), copied into the temporary directory with a node_modules symlink to the
- * repository's, so uncommitted changes are tested and the repository's own dist/ is
- * neither used (stale files of deleted sources would be packed) nor rewritten. `npm pack`
- * runs `prepare`, which builds dist/ with tsc there.
- *
- * The install downloads the dependencies from the registry (or takes them from the npm
- * cache). npm 11 does not run install scripts that package.json's allowScripts does not
- * allow: koffi's `install` (a check of its prebuilt binaries) is skipped, and the
- * `--allow uid:N` smoke below shows koffi loads without it. `prepare` is not run for a
- * tarball either (npm only lists it in its install-scripts warning).
+ * npm 11 does not run install scripts that package.json's allowScripts does not allow:
+ * koffi's `install` (a check of its prebuilt binaries) is skipped, and the
+ * `--allow uid:N` smoke below shows koffi loads without it.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { installPackage, NPM_ENV, PKG, ROOT, run, type InstalledPackage, type PackResult } from '../helpers/installed-package.js';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-const PKG = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { name: string; version: string };
 const MiB = 1024 * 1024;
 
-const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-global-install-'));
-const STAGE = path.join(tmp, 'stage');
-const PREFIX = path.join(tmp, 'prefix');
-const ELSEWHERE = path.join(tmp, 'elsewhere');
-const BIN = path.join(PREFIX, 'bin', 'blockgate');
-
-/** The environment of every npm child: nothing inherited from an `npm test` that runs us. */
-const NPM_ENV: NodeJS.ProcessEnv = {
-  ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^npm_/i.test(k))),
-  npm_config_update_notifier: 'false',
-  npm_config_fund: 'false',
-  npm_config_audit: 'false',
-};
-/** The environment of the installed command: the prefix first, then node and the system tools. */
-const USER_ENV: NodeJS.ProcessEnv = {
-  ...NPM_ENV,
-  PATH: [path.join(PREFIX, 'bin'), path.dirname(process.execPath), '/usr/bin', '/bin'].join(path.delimiter),
-};
-
-interface Run { stdout: string; stderr: string; ms: number }
-
-/** Runs a command to completion within `timeoutMs`; anything but exit status 0 fails. */
-function run(cmd: string, args: string[], opts: { cwd: string; env: NodeJS.ProcessEnv; timeoutMs: number }): Run {
-  const t0 = Date.now();
-  const r = spawnSync(cmd, args, {
-    cwd: opts.cwd, env: opts.env, timeout: opts.timeoutMs, killSignal: 'SIGKILL',
-    encoding: 'utf8', maxBuffer: 64 * MiB, stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  const ms = Date.now() - t0;
-  const what = `${cmd} ${args.join(' ')} (cwd ${opts.cwd}, ${ms} ms)`;
-  if (r.error) throw new Error(`${what}: ${r.error.message}\n${r.stderr ?? ''}`);
-  if (r.status !== 0) {
-    throw new Error(`${what}: exit ${r.status ?? r.signal}\nstdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
-  }
-  return { stdout: r.stdout, stderr: r.stderr, ms };
-}
-
-interface PackResult { filename: string; size: number; entryCount: number; files: { path: string }[] }
-
+let inst: InstalledPackage;
 let packed: PackResult;
 let packedPaths: string[];
+let STAGE: string;
+let PREFIX: string;
+let ELSEWHERE: string;
+let BIN: string;
+let USER_ENV: NodeJS.ProcessEnv;
 
 before(() => {
-  // The working tree, without node_modules (an untracked symlink) and without deleted files.
-  const listed = run('git', ['ls-files', '-z', '--cached', '--others', '--exclude-standard'], {
-    cwd: ROOT, env: NPM_ENV, timeoutMs: 20_000,
-  }).stdout.split('\0').filter((f) => f !== '' && f !== 'node_modules' && !f.startsWith('node_modules/'));
-  for (const f of listed) {
-    const from = path.join(ROOT, f);
-    const st = fs.lstatSync(from, { throwIfNoEntry: false });
-    if (!st || st.isDirectory()) continue;
-    fs.mkdirSync(path.dirname(path.join(STAGE, f)), { recursive: true });
-    fs.cpSync(from, path.join(STAGE, f), { verbatimSymlinks: true });
-  }
-  fs.symlinkSync(fs.realpathSync(path.join(ROOT, 'node_modules')), path.join(STAGE, 'node_modules'), 'dir');
-  fs.mkdirSync(ELSEWHERE);
-
-  const pack = run('npm', ['pack', '--json', '--pack-destination', tmp], { cwd: STAGE, env: NPM_ENV, timeoutMs: 90_000 });
-  packed = (JSON.parse(pack.stdout) as PackResult[])[0]!;
-  packedPaths = packed.files.map((f) => f.path).sort();
-  const install = run('npm', [
-    'install', '-g', '--prefix', PREFIX, path.join(tmp, packed.filename), '--no-audit', '--no-fund',
-  ], { cwd: ELSEWHERE, env: NPM_ENV, timeoutMs: 120_000 });
-  console.log(`npm pack ${pack.ms} ms (${packed.filename}: ${packed.size} bytes, ${packed.entryCount} files); ` +
-    `npm install -g ${install.ms} ms`);
-}, { timeout: 240_000 });
+  inst = installPackage();
+  ({ packed, packedPaths, stage: STAGE, prefix: PREFIX, elsewhere: ELSEWHERE, bin: BIN, userEnv: USER_ENV } = inst);
+  console.log(inst.summary);
+}, { timeout: 300_000 });
 
 after(() => {
-  fs.rmSync(tmp, { recursive: true, force: true });
+  inst?.remove();
 });
 
 test('the tarball holds the built command, LICENSE, README.md and docs/, and no tests or TypeScript sources', () => {
@@ -103,7 +40,10 @@ test('the tarball holds the built command, LICENSE, README.md and docs/, and no 
   for (const f of ['dist/src/cli/main.js', 'dist/src/index.js', 'dist/src/index.d.ts', 'LICENSE', 'README.md', 'package.json']) {
     assert.ok(packedPaths.includes(f), `${f} is packed`);
   }
-  for (const doc of fs.readdirSync(path.join(ROOT, 'docs'))) {
+  const docs = fs.readdirSync(path.join(ROOT, 'docs'), { recursive: true, encoding: 'utf8' })
+    .filter((f) => fs.statSync(path.join(ROOT, 'docs', f)).isFile());
+  assert.ok(docs.includes('man/blockgate-serve.1.md'));
+  for (const doc of docs) {
     assert.ok(packedPaths.includes(`docs/${doc}`), `docs/${doc} is packed`);
   }
   const unwanted = packedPaths.filter((f) =>
@@ -147,4 +87,24 @@ test('koffi works in the installed package without its install script: --allow u
     cwd: ELSEWHERE, env: USER_ENV, timeoutMs: 30_000,
   });
   assert.equal(r.stdout.trim(), String(MiB));
+});
+
+test('the man pages are installed where npm puts them and render: PREFIX/share/man/man1/blockgate.1 and the rest', () => {
+  assert.ok(PKG.man.length > 5);
+  for (const page of PKG.man) {
+    assert.ok(packedPaths.includes(page), `${page} is packed`);
+    const installed = path.join(PREFIX, 'share', 'man', `man${page.slice(-1)}`, path.basename(page));
+    assert.ok(fs.existsSync(installed), `${installed} is installed`);
+  }
+  assert.ok(fs.existsSync(path.join(PREFIX, 'share/man/man1/blockgate.1')));
+  const env = { ...USER_ENV, MANWIDTH: '100', MANPAGER: 'cat', PAGER: 'cat', LC_ALL: 'C.UTF-8' };
+  const local = run('man', ['--warnings', '-l', path.join(PREFIX, 'share/man/man1/blockgate.1')], { cwd: ELSEWHERE, env, timeoutMs: 20_000 });
+  assert.equal(local.stderr, '');
+  assert.match(local.stdout, /^BLOCKGATE\(1\)/);
+  // As a user reads them: by name, from the prefix's man directory.
+  for (const [name, header] of [['blockgate-serve', /^BLOCKGATE-SERVE\(1\)/], ['blockgate-ggated', /^BLOCKGATE-GGATED\(8\)/], ['blockgate-cow-filter', /^BLOCKGATE-COW-FILTER\(1\)/]] as const) {
+    const r = run('man', ['--warnings', '-M', path.join(PREFIX, 'share/man'), name], { cwd: ELSEWHERE, env, timeoutMs: 20_000 });
+    assert.equal(r.stderr, '', `man ${name} warned`);
+    assert.match(r.stdout, header);
+  }
 });
