@@ -15,14 +15,16 @@
  * - `-c FILE` maps ggate paths to blockgate stacks (JSON: `{ "/dev/x": { "backend":
  *   {...}, "filters": [...] } }`); any other exported path is opened as a file;
  * - `-F FILE` writes the process id there (ggated writes /var/run/ggated.pid by
- *   default; blockgate only when asked) and removes it on exit.
+ *   default; blockgate only when asked) once it listens, and removes it on exit;
+ * - `--exit-with-parent`, `--log-format`, `-f` and the readiness notification
+ *   (NOTIFY_SOCKET, and a 'ready' log line) are serve's (docs/SERVICE.md).
  *
  * SIGINT and SIGTERM stop the server gracefully.
  */
 import fs from 'node:fs';
 import net from 'node:net';
-import { Command } from 'commander';
-import { shutdownSignal, stderrLogger } from './daemon.js';
+import { Command, Option } from 'commander';
+import { LOG_FORMATS, createLogger, notifyReady, shutdownSignal, writePidFile, type LogFormat } from './daemon.js';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import { parseOrThrow, parseSize, type StackDescription } from '../device/index.js';
@@ -38,6 +40,9 @@ interface GgatedFlags {
   verbose?: boolean;
   config?: string;
   pidfile?: string;
+  exitWithParent?: boolean;
+  foreground?: boolean;
+  logFormat?: LogFormat;
   maxRequest: string;
 }
 
@@ -86,7 +91,7 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
   }
   const host = await bindAddress(flags.address);
   const stacks = flags.config ? loadGgatedConfig(flags.config) : {};
-  const log = stderrLogger(flags.verbose === true ? 'debug' : 'info');
+  const log = createLogger({ level: flags.verbose === true ? 'debug' : 'info', format: flags.logFormat });
 
   log.info({ file: exportsFile }, 'reading exports file (%s)', exportsFile);
   const exports = await loadExportsFile(exportsFile);
@@ -106,15 +111,16 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
     noDelay: flags.nagle !== true,
     limits: { maxRequestLength },
   });
-  // Written before listening, as ggated does, so it exists once clients can connect.
-  if (flags.pidfile) fs.writeFileSync(flags.pidfile, `${process.pid}\n`);
   try {
     await server.listen({ host, port });
   } catch (e) {
     await server.close(0);
-    if (flags.pidfile) fs.rmSync(flags.pidfile, { force: true });
     throw e;
   }
+  // After listening (FreeBSD's ggated writes it before): whoever waits for the pid file
+  // may connect at once.
+  const removePidFile = flags.pidfile ? writePidFile(flags.pidfile) : undefined;
+  notifyReady(log, { address: `${host}:${port}` });
 
   const onHup = (): void => {
     server.reload().then(
@@ -123,10 +129,10 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
     );
   };
   process.on('SIGHUP', onHup);
-  await shutdownSignal(log);
+  await shutdownSignal(log, { exitWithParent: flags.exitWithParent === true });
   process.off('SIGHUP', onHup);
   await server.close();
-  if (flags.pidfile) fs.rmSync(flags.pidfile, { force: true });
+  removePidFile?.();
   return 0;
 }
 
@@ -141,7 +147,10 @@ export function ggatedCommand(): Command {
     .option('-n, --nagle', 'do not set TCP_NODELAY')
     .option('-v, --verbose', 'debug logging (the server always stays in the foreground)')
     .option('-c, --config <file>', 'JSON file mapping ggate paths to blockgate stacks')
-    .option('-F, --pidfile <file>', 'write the process id to this file (removed on exit)')
+    .option('-F, --pidfile <file>', 'write the process id to this file once listening (removed on exit)')
+    .option('--exit-with-parent', 'shut down gracefully when the parent process exits')
+    .option('-f, --foreground', 'accepted for habit: the server always stays in the foreground')
+    .addOption(new Option('--log-format <format>', 'log lines: pretty, json, or auto (pretty on a terminal)').choices(LOG_FORMATS).default('auto'))
     .option('--max-request <size>', 'largest request accepted (a FreeBSD peer with a larger kern.maxphys needs more)', String(MAX_REQUEST_LENGTH))
     .action(async (exportsFile: string, flags: GgatedFlags) => {
       try {

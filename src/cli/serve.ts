@@ -19,11 +19,12 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
-import { SHUTDOWN_SIGNALS, shutdownSignal, stderrLogger } from './daemon.js';
+import { LOG_FORMATS, SHUTDOWN_SIGNALS, createLogger, notifyReady, shutdownSignal, writePidFile, type LogFormat } from './daemon.js';
+import { takeActivatedSockets, type ActivatedSocket } from '../io/socket-activation.js';
 import { missingV8Flags } from './v8-flags.js';
 import { createStack } from '../export/registry.js';
 import { serveRegistry, serveRegistryLogging } from './registry.js';
-import { NbdServer, type ListenAddress, type ListenerOptions } from '../nbd/index.js';
+import { NbdServer, type ListenAddress, type ListenTarget, type ListenerOptions } from '../nbd/index.js';
 import { loadTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 import type { ExportPolicySpec } from '../nbd/access.js';
 import { Export } from '../export/index.js';
@@ -85,6 +86,19 @@ interface ServeFlags {
   /** `--filter` layers, the first nearest the client (src/cli/filter-option.ts). */
   filter?: LayerDescription[];
   dumpConfig?: boolean;
+  pidfile?: string;
+  exitWithParent?: boolean;
+  verbose?: boolean;
+  /** Accepted for nbdkit habits: serve never forks into the background. */
+  foreground?: boolean;
+  logFormat?: LogFormat;
+  logFile?: string;
+}
+
+/** Which of the listen flags the user typed (commander's option sources), not their defaults. */
+interface GivenFlags {
+  readonly port: boolean;
+  readonly logLevel: boolean;
 }
 
 /** Collects a repeatable option's values. */
@@ -239,16 +253,53 @@ function listenerOptions(l: ListenerConfig): ListenerOptions {
   return { tls, ...(l.allow || l.deny ? { rules: { ...(l.allow ? { allow: l.allow } : {}), ...(l.deny ? { deny: l.deny } : {}) } } : {}) };
 }
 
-async function serve(specs: string[], flags: ServeFlags): Promise<number> {
-  if (flags.run && (flags.unix || (flags.address?.length ?? 0) > 1)) {
-    throw new BlockError('EINVAL', '--run serves on a private unix socket; do not combine it with --unix or --address');
+/** The values a --run command finds in its environment, as nbdkit-captive(1) names them. */
+export function captiveEnv(addr: ListenAddress, exportName: string, tls: UriTls): Record<string, string> {
+  const uri = nbdUri(addr, exportName, tls);
+  return {
+    uri,
+    // nbdkit >= 1.24 gives both names the same URI.
+    nbd: uri,
+    exportname: exportName,
+    port: 'port' in addr ? String(addr.port) : '',
+    unixsocket: 'path' in addr ? addr.path : '',
+    // nbdkit: unset with --tls=off, "1" with on, "2" with require.
+    ...(tls.mode === 'on' ? { tls: '1' } : tls.mode === 'require' ? { tls: '2' } : {}),
+  };
+}
+
+/** Refuses what cannot go with socket activation: the sockets are given, so nothing may say where to listen. */
+function checkActivation(activated: readonly ActivatedSocket[] | null, flags: ServeFlags, given: GivenFlags, cfg: ServeConfig): void {
+  if (activated === null) return;
+  const clash = [
+    flags.address ? '-a/--address' : null,
+    given.port ? '-p/--port' : null,
+    flags.unix ? '-U/--unix' : null,
+    flags.run !== undefined ? '--run' : null,
+    flags.config && cfg.listen && cfg.listen.length > 0 ? "the config file's listen" : null,
+  ].filter((x) => x !== null);
+  if (clash.length > 0) {
+    throw new BlockError('EINVAL', `socket activation (LISTEN_FDS) gives the listening sockets; do not combine it with ${clash.join(', ')}`);
+  }
+}
+
+async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Promise<number> {
+  if (flags.run && (flags.address?.length ?? 0) > 1) {
+    throw new BlockError('EINVAL', '--run gives the command one URI; give at most one --address with it');
+  }
+  if (flags.run && flags.unix && (flags.address || given.port)) {
+    throw new BlockError('EINVAL', '--run serves on --unix or on TCP (--address/--port), not both');
   }
   const cfg = configFromFlags(specs, flags);
   if (flags.dumpConfig) {
     process.stdout.write(`${JSON.stringify(effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), null, 2)}\n`);
     return 0;
   }
-  const log = stderrLogger(cfg.logLevel ?? 'info');
+  const activated = takeActivatedSockets();
+  checkActivation(activated, flags, given, cfg);
+  // A captive command's output is the user's: only problems are logged, unless asked.
+  const level = flags.verbose ? 'debug' : flags.run && !given.logLevel && !cfg.logLevel ? 'warn' : (cfg.logLevel ?? flags.logLevel);
+  const log = createLogger({ level, format: flags.logFormat, file: flags.logFile });
   const exports = await buildExports(cfg, flags.config ?? 'command line', serveRegistryLogging(log));
   exports.forEach((e, i) => {
     // A file that could only be opened read-only (0444, a read-only mount) is served so, as nbdkit does, but said aloud.
@@ -274,17 +325,21 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
 
   let tmpDir: string | null = null;
   const configured: ListenerConfig[] = cfg.listen && cfg.listen.length > 0 ? cfg.listen : [{ host: DEFAULT_HOST, port: DEFAULT_PORT }];
-  const listen: ListenerConfig[] = [];
-  if (flags.run) {
+  const listen: { target: ListenTarget; config: ListenerConfig; name?: string }[] = [];
+  if (activated) {
+    // The passed sockets keep the TLS and address settings the flags gave.
+    for (const a of activated) listen.push({ target: { fd: a.fd }, config: configured[0]!, name: a.name });
+  } else if (flags.run && !flags.unix && !flags.address && !given.port) {
+    // Captive with no address given: a private socket nobody else can reach, as nbdkit -U -.
     tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-'));
-    // The private socket keeps the TLS and address settings the flags gave.
     const { host: _h, port: _p, ...security } = configured[0] as ListenerConfig & { host?: string; port?: number };
-    listen.push({ ...security, path: path.join(tmpDir, 'nbd.sock') });
+    const l = { ...security, path: path.join(tmpDir, 'nbd.sock') };
+    listen.push({ target: listenAddress(l), config: l });
   } else {
-    listen.push(...configured);
+    for (const l of configured) listen.push({ target: listenAddress(l), config: l });
   }
   const bound: { addr: ListenAddress; tls: UriTls }[] = [];
-  for (const l of listen) {
+  for (const { target, config: l, name } of listen) {
     const opts = listenerOptions(l);
     const keys = opts.tls?.pskKeys;
     const uriTls: UriTls = {
@@ -292,27 +347,31 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
       pskFile: l.tlsPsk,
       pskIdentity: keys && keys.size === 1 ? [...keys.keys()][0] : undefined,
     };
-    bound.push({ addr: await server.listen(listenAddress(l), opts), tls: uriTls });
+    const addr = await server.listen(target, opts);
+    bound.push({ addr, tls: uriTls });
+    log.info({ uri: nbdUri(addr, defaultName, uriTls), tls: uriTls.mode, exports: exports.map((e) => e.name), ...('fd' in target ? { fd: target.fd, fdName: name } : {}) }, 'listening');
   }
-  for (const b of bound) log.info({ uri: nbdUri(b.addr, defaultName, b.tls), tls: b.tls.mode, exports: exports.map((e) => e.name) }, 'listening');
   const missing = missingV8Flags();
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
   }
   // Installed before the URI is printed, so whoever waits for the URI can signal at once.
-  const stopSignal = flags.run ? undefined : shutdownSignal(log, SERVE_STOP_SIGNALS);
+  const stopSignal = flags.run ? undefined : shutdownSignal(log, { signals: SERVE_STOP_SIGNALS, exitWithParent: flags.exitWithParent === true });
+  const removePidFile = flags.pidfile ? writePidFile(flags.pidfile) : undefined;
   if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls)}\n`);
+  if (!flags.run) notifyReady(log, { uris: bound.map((b) => nbdUri(b.addr, defaultName, b.tls)) });
 
   const stop = async (): Promise<void> => {
     await server.close();
     await ctl?.close();
     await Promise.all(exports.map((e) => e.device.close().catch((err: unknown) => log.error({ err }, 'close failed'))));
     if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
+    removePidFile?.();
   };
 
   if (flags.run) {
-    const uri = nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls);
-    const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env: { ...process.env, uri, nbd: uri } });
+    const env = { ...process.env, ...captiveEnv(bound[0]!.addr, defaultName, bound[0]!.tls) };
+    const child = spawn('/bin/sh', ['-c', flags.run], { stdio: 'inherit', env });
     const forward = (sig: NodeJS.Signals) => child.kill(sig);
     // The command decides what a signal means to it; serve stops when it exits.
     for (const sig of SERVE_STOP_SIGNALS) process.on(sig, forward);
@@ -321,7 +380,11 @@ async function serve(specs: string[], flags: ServeFlags): Promise<number> {
         log.error({ err }, '--run: cannot start the command');
         resolve(127);
       });
-      child.on('exit', (code, signal) => resolve(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
+      // As nbdkit: the command's status, or 128 + the signal that killed it (said on stderr).
+      child.on('exit', (code, signal) => {
+        if (signal) log.warn({ signal }, '--run: the command was killed by a signal');
+        resolve(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1));
+      });
     });
     await stop();
     return status;
@@ -365,13 +428,23 @@ export function serveCommand(): Command {
       collectFilter,
     )
     .option('--dump-config', 'print the effective configuration (listeners, exports with backend and filters) as --config JSON and exit')
-    .option('--run <command>', "captive mode: serve on a private unix socket, run COMMAND with $uri set, exit with its status")
+    .option(
+      '--run <command>',
+      'captive mode (as nbdkit --run): run COMMAND with $uri, $nbd, $exportname, $port, $unixsocket and $tls set, serving on a private unix socket unless -U, -a or -p is given; exit with its status; logs only warnings unless -l or -v',
+    )
     .option('--control <path>', 'control socket for gate handlers (blockgate ggatel) and blockgate status (default: $XDG_RUNTIME_DIR/blockgate/ctl.sock, else /tmp/blockgate-<uid>/ctl.sock; mode 0600)')
     .option('--no-control', 'open no control socket')
+    .option('-P, --pidfile <file>', 'write the process id to FILE once listening (removed at exit)')
+    .option('--exit-with-parent', 'shut down gracefully when the parent process exits (polled; docs/SERVICE.md)')
+    .option('-f, --foreground', 'accepted for nbdkit habits: blockgate serve always stays in the foreground')
+    .option('-v, --verbose', 'debug logging (same as --log-level debug)')
     .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
-    .action(async (specs: string[], flags: ServeFlags) => {
+    .addOption(new Option('--log-format <format>', 'log lines: pretty (readable), json, or auto (pretty on a terminal, else json)').choices(LOG_FORMATS).default('auto'))
+    .option('--log-file <file>', 'append the log to FILE instead of stderr')
+    .action(async (specs: string[], flags: ServeFlags, cmd: Command) => {
       try {
-        process.exitCode = await serve(specs, flags);
+        const given: GivenFlags = { port: cmd.getOptionValueSource('port') === 'cli', logLevel: cmd.getOptionValueSource('logLevel') === 'cli' };
+        process.exitCode = await serve(specs, flags, given);
       } catch (e) {
         process.stderr.write(`blockgate serve: ${(e as Error).message}\n`);
         process.exitCode = 1;

@@ -185,6 +185,22 @@ export function commandName(cmd: number): string {
   for (const [k, v] of Object.entries(NBD_CMD)) if (v === cmd) return k;
   return `command ${cmd}`;
 }
+/**
+ * Transmission flags as names joined by '|' without the NBD_FLAG_ prefix
+ * ('HAS_FLAGS|SEND_FLUSH|...'); bits the spec does not name appear as hex.
+ */
+export function transmissionFlagNames(flags: number): string {
+  const names: string[] = [];
+  let rest = flags;
+  for (const [k, v] of Object.entries(NBD_FLAG)) {
+    if ((flags & v) !== 0) {
+      names.push(k.replace(/^NBD_FLAG_/, ''));
+      rest &= ~v;
+    }
+  }
+  if (rest !== 0) names.push(`0x${(rest >>> 0).toString(16)}`);
+  return names.join('|');
+}
 
 /**
  * Reply framing negotiated in the handshake (blockgate's own names, not the spec's):
@@ -194,3 +210,7 @@ export function commandName(cmd: number): string {
  */
 export const MODE = { SIMPLE: 0, STRUCTURED: 1, EXTENDED: 2 } as const;
 export type Mode = (typeof MODE)[keyof typeof MODE];
+/** A reply mode's name for logs: 'simple', 'structured' or 'extended'. */
+export function modeName(mode: Mode): string {
+  return mode === MODE.EXTENDED ? 'extended' : mode === MODE.STRUCTURED ? 'structured' : 'simple';
+}

@@ -21,6 +21,12 @@ import { closeListeners, drainSessions } from '../io/drain.js';
 
 /** Where to listen. */
 export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
+/**
+ * Where to listen, or an inherited listening socket (systemd socket activation,
+ * src/io/socket-activation.ts): its file descriptor. The socket stays its owner's: a
+ * unix socket's file is not removed at close.
+ */
+export type ListenTarget = ListenAddress | { readonly fd: number };
 
 /** How one listener treats its clients. */
 export interface ListenerOptions {
@@ -147,15 +153,20 @@ export class NbdServer implements SessionHost, ExportTable {
    * Starts listening; resolves with the bound address (port chosen by the OS if 0).
    * Throws EINVAL for bad rules, or uid rules where unix peers' credentials cannot be read.
    */
-  async listen(addr: ListenAddress, opts: ListenerOptions = {}): Promise<ListenAddress> {
+  async listen(addr: ListenTarget, opts: ListenerOptions = {}): Promise<ListenAddress> {
     const rules = opts.rules ? new AddressRules(opts.rules, 'listener') : null;
     const tls = opts.tls ?? TLS_OFF;
-    const readUids = 'path' in addr && ((rules?.usesUids ?? false) || [...this.#policies.values()].some((p) => p.usesUids));
-    if (readUids) {
+    const wantsUids = (rules?.usesUids ?? false) || [...this.#policies.values()].some((p) => p.usesUids);
+    // An inherited socket's family is known only once Node has taken it (below); no
+    // connection is accepted before then, since accepting waits for the event loop.
+    const listener: { -readonly [K in keyof Listener]: Listener[K] } = { tls, rules: rules && !rules.empty ? rules : null, readUids: false };
+    const checkUids = (unix: boolean): void => {
+      listener.readUids = unix && wantsUids;
+      if (!listener.readUids) return;
       const why = peerCredentialsUnavailable();
       if (why !== null) throw new BlockError('EINVAL', `uid rules need the unix peer's credentials, which cannot be read here: ${why}`);
-    }
-    const listener: Listener = { tls, rules: rules && !rules.empty ? rules : null, readUids };
+    };
+    if (!('fd' in addr)) checkUids('path' in addr);
     // Paused, so that a session can switch the socket to lent receive buffers before the first read.
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.#accept(socket, listener));
     server.on('error', (err) => this.logger.error({ err }, 'listener error'));
@@ -163,16 +174,27 @@ export class NbdServer implements SessionHost, ExportTable {
     if ('path' in addr) await claimSocketPath(addr.path);
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
-      if ('path' in addr) server.listen(addr.path, () => resolve());
+      if ('fd' in addr) server.listen({ fd: addr.fd }, () => resolve());
+      else if ('path' in addr) server.listen(addr.path, () => resolve());
       else server.listen({ host: addr.host, port: addr.port, ipv6Only: addr.host.includes(':') }, () => resolve());
     });
     this.#servers.push(server);
+    const bound = server.address();
+    if ('fd' in addr) {
+      try {
+        checkUids(typeof bound === 'string');
+      } catch (e) {
+        server.close();
+        throw e;
+      }
+    }
     if ('path' in addr) {
       this.#unixPaths.push(addr.path);
       return addr;
     }
-    const a = server.address() as net.AddressInfo;
-    return { host: a.address, port: a.port };
+    if (typeof bound === 'string') return { path: bound };
+    if (bound === null) throw new BlockError('EINVAL', `descriptor ${'fd' in addr ? addr.fd : '?'} is not a listening socket`);
+    return { host: bound.address, port: bound.port };
   }
 
   #accept(socket: net.Socket, listener: Listener): void {

@@ -30,7 +30,9 @@ import {
   NBD_SIZE,
   MODE,
   commandName,
+  modeName,
   optionName,
+  transmissionFlagNames,
   type Mode,
 } from './constants.js';
 import {
@@ -589,7 +591,7 @@ export class NbdSession implements ExportSession {
     };
     this.cursor = exp.errseq.sample();
     exp.attach(this);
-    this.#log.info({ export: exp.name, mode, flags }, 'transmission');
+    this.#log.info({ export: exp.name, replies: modeName(mode), flags: transmissionFlagNames(flags) }, 'transmission');
     this.#expect(S.REQUEST_HEADER, this.#requestSize);
   }
 
@@ -866,7 +868,10 @@ export class NbdSession implements ExportSession {
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);
-    this.#log.debug('closed');
+    // A session that served an export gets a closing line beside its 'transmission' one;
+    // probes that never got past the handshake (nbdinfo --list, health checks) stay at debug.
+    if (this.#export) this.#log.info({ export: this.#export.name }, 'closed');
+    else this.#log.debug('closed');
     this.#host.sessionClosed(this);
   }
 }
