@@ -13,7 +13,7 @@ import path from 'node:path';
 import { setTimeout as delay } from 'node:timers/promises';
 import { BLOCKGATE_CLI, ChildSet, blockgateOk, type Child } from '../helpers/children.js';
 import { runOk, run } from '../helpers/run.js';
-import { nbdshOut } from '../helpers/nbdsh-script.js';
+import { PY_ERRNO_OF, nbdshOut } from '../helpers/nbdsh-script.js';
 import { seededBytes } from '../helpers/data.js';
 import { assertSameBytes } from '../helpers/assertions.js';
 import { startCephCluster, type CephCluster } from '../helpers/ceph.js';
@@ -53,14 +53,14 @@ async function stop(c: Child): Promise<void> {
 }
 
 /** A gateway serving POOL/IMAGE from a config file (for settings the short form has not: `timeout`). */
-async function serveConfig(image: string, backend: Record<string, unknown> = {}): Promise<{ child: Child; uri: string; socket: string }> {
+async function serveConfig(image: string, backend: Record<string, unknown> = {}, logLevel = 'warn'): Promise<{ child: Child; uri: string; socket: string }> {
   const socket = local('nbd.sock');
   const config = local('config.json');
   fs.writeFileSync(config, JSON.stringify({
     listen: [{ path: socket }],
     exports: [{ name: '', backend: { type: 'rbd', pool: ceph.pool, image, conf: ceph.conf, ...backend } }],
   }));
-  const child = children.blockgate(['serve', '--no-control', '--print-uri', '-l', 'warn', '-c', config]);
+  const child = children.blockgate(['serve', '--no-control', '--print-uri', '-l', logLevel, '-c', config]);
   const m = await child.waitFor(/^(nbd\S+)$/m);
   return { child, uri: m[1]!, socket };
 }
@@ -151,6 +151,172 @@ h.flush()
       assert.equal(map.reduce((t, e) => t + e.length, 0), 64 * MiB);
     } finally {
       await stop(gw.child);
+    }
+  });
+});
+
+/** Python: block(i), the BS bytes block i holds in the multi-gateway tests (its index, repeated). */
+const PY_BLOCK = `BS = 1 << 20
+def block(i):
+    return (b'%08d' % i) * (BS // 8)`;
+
+describe('several gateways on one image', () => {
+  test('two gateways: writes through A then FLUSH are read through B and back; both advertise multi-conn (cache off), not with rbd cache on', async () => {
+    await rbdCreate('shared1', '32M');
+    const a = await serve([`rbd:${ceph.pool}/shared1`]);
+    const b = await serve([`rbd:${ceph.pool}/shared1`]);
+    const cached = await serveConfig('shared1', { cache: true });
+    try {
+      const out = await nbdshOut(`${CONNECT}
+${PY_BLOCK}
+g = nbd.NBD()
+g.connect_uri(${JSON.stringify(b.uri)})
+c = nbd.NBD()
+c.connect_uri(${JSON.stringify(cached.uri)})
+out['multi'] = [h.can_multi_conn(), g.can_multi_conn(), c.can_multi_conn()]
+bad = []
+for i in range(8):
+    h.pwrite(block(i), i * BS)
+h.zero(65536, 3 * BS)
+h.flush()
+for i in range(8):
+    want = bytearray(block(i))
+    if i == 3:
+        want[:65536] = bytes(65536)
+    if g.pread(BS, i * BS) != bytes(want):
+        bad.append(('A->B', i))
+# Ping-pong on one object: each gateway takes the exclusive lock in turn.
+for k in range(20):
+    w, r = (h, g) if k % 2 == 0 else (g, h)
+    w.pwrite(b'%08d' % k * 512, 4096, nbd.CMD_FLAG_FUA)
+    if r.pread(4096, 4096) != b'%08d' % k * 512:
+        bad.append(('ping-pong', k))
+out['bad'] = bad
+`, a.uri);
+      assert.deepEqual(out.multi, [true, true, false]);
+      assert.deepEqual(out.bad, []);
+    } finally {
+      await Promise.all([stop(a.child), stop(b.child), stop(cached.child)]);
+    }
+  });
+
+  test('a gateway killed with SIGKILL mid-write: every write acknowledged before its FLUSH reads back through another gateway', async () => {
+    await rbdCreate('crash1', '64M');
+    const a = await serve([`rbd:${ceph.pool}/crash1`]);
+    // Writes blocks 0..15, FLUSH, says so, then keeps 8 more writes in flight until the
+    // gateway dies under it.
+    const writer = children.start('nbdsh', ['-c', `import nbd, sys
+h = nbd.NBD()
+h.connect_uri(${JSON.stringify(a.uri)})
+${PY_BLOCK}
+for i in range(16):
+    h.pwrite(block(i), i * BS)
+h.flush()
+print('FLUSHED', flush=True)
+i = 16
+while True:
+    while h.aio_in_flight() < 8:
+        h.aio_pwrite(block(i), (i % 64) * BS)
+        i += 1
+    h.poll(-1)
+`]);
+    await writer.waitFor(/^FLUSHED$/m);
+    a.child.proc.kill('SIGKILL');
+    assert.equal(await a.child.exited(), 'SIGKILL');
+    writer.proc.kill('SIGKILL');
+    await writer.exited();
+    const b = await serve([`rbd:${ceph.pool}/crash1`]);
+    try {
+      const out = await nbdshOut(`${CONNECT}
+${PY_BLOCK}
+out['bad'] = [i for i in range(16) if h.pread(BS, i * BS) != block(i)]
+`, b.uri);
+      assert.deepEqual(out.bad, []);
+    } finally {
+      await stop(b.child);
+    }
+  });
+});
+
+describe('cluster faults', () => {
+  test('the OSD stopped: reads and writes fail with an error after the configured timeout, the gateway stays up, and works again once the OSD resumes', async () => {
+    await rbdCreate('fault1', '16M');
+    // Debug logging: device errors are logged at debug (the client has them).
+    const gw = await serveConfig('fault1', { timeout: 3 }, 'debug');
+    const osdPid = Number(fs.readFileSync(path.join(ceph.dir, 'run', 'osd.0.pid'), 'utf8').trim());
+    try {
+      await nbdshOut(`${CONNECT}
+h.pwrite(b'\\x42' * 65536, 0)
+h.flush()
+`, gw.uri);
+      process.kill(osdPid, 'SIGSTOP');
+      let stopped: Record<string, unknown>;
+      try {
+        stopped = await nbdshOut(`${CONNECT}
+${PY_ERRNO_OF}
+out['read'] = errno_of(lambda: h.pread(4096, 0))
+out['write'] = errno_of(lambda: h.pwrite(b'\\x43' * 4096, 8 << 20))
+`, gw.uri);
+      } finally {
+        process.kill(osdPid, 'SIGCONT');
+      }
+      // NBD has no ETIMEDOUT: the client gets EIO, the log says what happened.
+      assert.deepEqual(stopped, { read: 'EIO', write: 'EIO' });
+      assert.match(gw.child.stderr(), /read at offset 0: Connection timed out \(errno 110\)/);
+      assert.equal(gw.child.proc.exitCode, null, 'the gateway is still running');
+      // Bounded wait for the OSD to answer again after SIGCONT.
+      const again = await nbdshOut(`${CONNECT}
+${PY_ERRNO_OF}
+for k in range(30):
+    if errno_of(lambda: h.pread(4096, 0)) is None:
+        break
+    time.sleep(1)
+out['read'] = h.pread(65536, 0) == b'\\x42' * 65536
+h.pwrite(b'\\x44' * 4096, 4 << 20)
+h.flush()
+out['write'] = h.pread(4096, 4 << 20) == b'\\x44' * 4096
+`, gw.uri);
+      assert.deepEqual(again, { read: true, write: true });
+    } finally {
+      await stop(gw.child);
+    }
+  });
+
+  test('both gateways blocklisted by the cluster: the next FLUSH of every session of each gateway fails with EIO; the gateways stay up', async () => {
+    await rbdCreate('fence1', '16M');
+    const a = await serve([`rbd:${ceph.pool}/fence1`]);
+    const b = await serve([`rbd:${ceph.pool}/fence1`]);
+    try {
+      const script = children.start('nbdsh', ['-c', `import nbd, sys, json
+${PY_ERRNO_OF}
+hs = []
+for u in [${JSON.stringify(a.uri)}, ${JSON.stringify(a.uri)}, ${JSON.stringify(b.uri)}, ${JSON.stringify(b.uri)}]:
+    x = nbd.NBD()
+    x.connect_uri(u)
+    hs.append(x)
+for k, x in enumerate(hs):
+    x.pwrite(b'%d' % k * 4096, k * 4096)
+    x.flush()
+print('READY', flush=True)
+sys.stdin.readline()
+out = {'flush': [errno_of(x.flush) for x in hs]}
+out['again'] = errno_of(hs[0].flush)
+print('RESULT ' + json.dumps(out), flush=True)
+`]);
+      await script.waitFor(/^READY$/m);
+      const status = JSON.parse(await ceph.cli('rbd', ['status', `${ceph.pool}/fence1`, '--format', 'json'])) as { watchers: { address: string }[] };
+      assert.equal(status.watchers.length, 2, JSON.stringify(status));
+      for (const w of status.watchers) await ceph.cli('ceph', ['osd', 'blocklist', 'add', w.address]);
+      script.proc.stdin!.write('go\n');
+      const m = await script.waitFor(/^RESULT (.*)$/m);
+      const out = JSON.parse(m[1]!) as { flush: (string | null)[]; again: string | null };
+      assert.deepEqual(out.flush, ['EIO', 'EIO', 'EIO', 'EIO']);
+      assert.equal(out.again, 'EIO', 'a fenced gateway keeps failing: it may not write any more');
+      assert.equal(a.child.proc.exitCode, null);
+      assert.equal(b.child.proc.exitCode, null);
+      for (const w of status.watchers) await ceph.cli('ceph', ['osd', 'blocklist', 'rm', w.address]);
+    } finally {
+      await Promise.all([stop(a.child), stop(b.child)]);
     }
   });
 });
