@@ -170,6 +170,19 @@ describe('rbd backend on a real cluster', () => {
     }
   });
 
+  test('a burst of 100 extents queries at once all answer the same map (queued, never refused)', async () => {
+    const image = await freshImage('16M');
+    const dev = await open(image);
+    try {
+      await dev.write(Buffer.alloc(4096, 1), 4 * MiB, 0);
+      const maps = await Promise.all(Array.from({ length: 100 }, () => dev.extents(0, dev.size, 0)));
+      for (const m of maps) assert.deepEqual(m, maps[0]);
+      assert.deepEqual(maps[0]!.filter((e) => e.flags === 0).map((e) => e.offset), [4 * MiB]);
+    } finally {
+      await dev.close();
+    }
+  });
+
   test('read-only: writes, trims and zeroes fail EPERM and the capabilities say so', async () => {
     const image = await freshImage('4M');
     const dev = await open(image, { readonly: true });

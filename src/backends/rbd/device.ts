@@ -35,6 +35,7 @@ import { BlockError, codeFromLinux, linuxErrno, type ErrnoCode } from '../../err
 import { formatSize } from '../../device/size.js';
 import { REQ, EXTENT, type BlockDevice, type Capabilities, type Extent } from '../../device/types.js';
 import { DEFAULT_BLOCK_SIZE, closedError, readOnlyCapabilities, readOnlyError } from '../../device/defaults.js';
+import { Deque } from '../../io/deque.js';
 import { loadLibrbd, type Handle, type Librbd } from './librbd.js';
 
 /**
@@ -62,6 +63,14 @@ export const EXTENTS_QUERY_MAX = 2 ** 30;
 
 /** How often the image size is re-read to notice a resize by another client: 1 s (and after every flush). */
 export const SIZE_POLL_MS = 1000;
+
+/**
+ * Most koffi async calls (extents queries, size refreshes) one device runs at once: 4.
+ * They run on koffi's few worker threads (as many as the machine has cores) and koffi
+ * throws once 256 are running or queued in the process, so a burst of BLOCK_STATUS
+ * requests, or calls stuck on a stopped OSD, wait here in order instead.
+ */
+export const ASYNC_CALLS_MAX = 4;
 
 /** librbd's RBD_WRITE_ZEROES_FLAG_THICK_PROVISION: keep the zeroed range allocated (NBD NO_HOLE). */
 const WRITE_ZEROES_THICK = 1;
@@ -361,14 +370,10 @@ export class RbdDevice implements BlockDevice {
       return 0;
     });
     let rc: number;
-    this.#busy++;
     try {
-      rc = await new Promise<number>((resolve, reject) =>
-        lib.rbdDiffIterate2Async(this.#image, null, offset, end - offset, 1, 0, cb, null, (e, r) => (e ? reject(e) : resolve(r))),
-      );
+      rc = await this.#offLoop((done) => lib.rbdDiffIterate2Async(this.#image, null, offset, end - offset, 1, 0, cb, null, done));
     } finally {
       lib.koffi.unregister(cb as Parameters<typeof lib.koffi.unregister>[0]);
-      this.#idleCheck(--this.#busy);
     }
     if (rc < 0) throw rbdError(lib, rc, `extents at offset ${offset}`, { offset });
     found.sort((a, b) => a.off - b.off);
@@ -418,8 +423,34 @@ export class RbdDevice implements BlockDevice {
     return this.#closed ? Promise.reject(closedError(op, this.description)) : Promise.resolve();
   }
 
-  /** Requests other than aio ones (extents, size queries) running now; close() waits for them. */
+  /** Requests other than aio ones (extents, size queries) running or waiting now; close() waits for them. */
   #busy = 0;
+  /** koffi async calls of this device running now (at most ASYNC_CALLS_MAX). */
+  #asyncRunning = 0;
+  #asyncWaiting = new Deque<() => void>();
+
+  /**
+   * Runs one koffi async call (`start` gets the completion callback), at most
+   * ASYNC_CALLS_MAX at a time; resolves with its return code. koffi throwing (its queue
+   * full) rejects like any failure.
+   */
+  async #offLoop(start: (done: (err: unknown, rc: number) => void) => void): Promise<number> {
+    this.#busy++;
+    try {
+      if (this.#asyncRunning >= ASYNC_CALLS_MAX) await new Promise<void>((resolve) => this.#asyncWaiting.pushBack(resolve));
+      this.#asyncRunning++;
+      try {
+        return await new Promise<number>((resolve, reject) => start((e, r) => (e ? reject(e) : resolve(r))));
+      } catch (e) {
+        throw new BlockError('EIO', `rbd ${this.spec}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+      } finally {
+        this.#asyncRunning--;
+        this.#asyncWaiting.popFront()?.();
+      }
+    } finally {
+      this.#idleCheck(--this.#busy);
+    }
+  }
 
   #idleCheck(busy: number): void {
     if (busy === 0 && this.#pending.size === 0 && this.#onIdle) this.#onIdle();
@@ -477,16 +508,14 @@ export class RbdDevice implements BlockDevice {
   #refreshSize(): Promise<void> {
     if (this.#closed && this.#sizeQuery === undefined) return Promise.resolve();
     this.#sizeQuery ??= (async () => {
-      this.#busy++;
       try {
         const out: [bigint | number] = [0];
-        const rc = await new Promise<number>((resolve, reject) => this.#lib.rbdGetSizeAsync(this.#image, out, (e, r) => (e ? reject(e) : resolve(r))));
+        const rc = await this.#offLoop((done) => this.#lib.rbdGetSizeAsync(this.#image, out, done));
         if (rc >= 0) this.#size = Number(out[0]);
       } catch {
         // A failed size query keeps the last size; the next request reports the cluster's state.
       } finally {
         this.#sizeQuery = undefined;
-        this.#idleCheck(--this.#busy);
       }
     })();
     return this.#sizeQuery;
