@@ -21,10 +21,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
+import { freePort, median, processCpuSeconds, stopServer, waitForPort } from './util.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -74,42 +74,7 @@ function sh(cmd: string, args: readonly string[], timeoutMs = 600_000, env: Node
   });
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-async function waitForPort(port: number, child: ChildProcess, timeoutMs = 60_000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (Date.now() < end) {
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error('exited before listening');
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('connect', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.once('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`port ${port} not listening after ${timeoutMs} ms`);
-}
-
 let clkTck = 100;
-/** utime + stime of a process in seconds. */
-function cpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  return (Number(f[11]) + Number(f[12])) / clkTck;
-}
 
 interface Running {
   readonly child: ChildProcess;
@@ -133,21 +98,12 @@ async function startServer(kind: Server, c: Cluster): Promise<Running> {
   let err = '';
   child.stderr!.on('data', (b: Buffer) => (err = (err + b.toString()).slice(-4000)));
   try {
-    await waitForPort(port, child);
+    await waitForPort(port, child, 60_000);
   } catch (e) {
     child.kill('SIGKILL');
     throw new Error(`${kind}: ${(e as Error).message}: ${err}`);
   }
   return { child, uri: `nbd://127.0.0.1:${port}/` };
-}
-
-async function stopServer(r: Running): Promise<void> {
-  if (r.child.exitCode !== null || r.child.signalCode !== null) return;
-  const done = new Promise<void>((resolve) => r.child.on('exit', () => resolve()));
-  r.child.kill('SIGTERM');
-  const t = setTimeout(() => r.child.kill('SIGKILL'), 10_000);
-  await done;
-  clearTimeout(t);
 }
 
 interface Sample {
@@ -157,7 +113,7 @@ interface Sample {
 
 async function measure(r: Running, w: Workload, mode: CephMode, data: string, tmp: string): Promise<Sample> {
   const pid = r.child.pid!;
-  const cpu0 = cpuSeconds(pid);
+  const cpu0 = processCpuSeconds(pid, clkTck);
   let value: number;
   if (w.startsWith('seq-')) {
     const t0 = process.hrtime.bigint();
@@ -174,12 +130,7 @@ async function measure(r: Running, w: Workload, mode: CephMode, data: string, tm
     const j = JSON.parse(fs.readFileSync(out, 'utf8')) as { jobs: { read: { iops: number }; write: { iops: number } }[] };
     value = read ? j.jobs[0]!.read.iops : j.jobs[0]!.write.iops;
   }
-  return { value, cpu: cpuSeconds(pid) - cpu0 };
-}
-
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)]!;
+  return { value, cpu: processCpuSeconds(pid, clkTck) - cpu0 };
 }
 
 export interface CephFigure {

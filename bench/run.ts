@@ -31,11 +31,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
 import { NbdClient } from '../src/nbd/client.js';
+import { freePort, median, processCpuSeconds, stopServer, waitForPort } from './util.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -210,44 +210,12 @@ async function must(cmd: string, args: string[], timeoutMs?: number): Promise<st
   return r.stdout;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-    s.on('error', reject);
-  });
-}
-
-async function waitForPort(port: number, child: ChildProcess, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`port ${port} did not open`);
-}
-
 /** Clock ticks per second of /proc's times (`getconf CLK_TCK`; set in main). */
 let clkTck = 100;
 
-/** CPU seconds (user + system: utime and stime of /proc/PID/stat) of a process and all its threads. */
+/** CPU seconds of a process and all its threads. */
 function cpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after "pid (comm) ": state is [0], utime [11], stime [12] (proc(5) fields 14 and 15).
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]);
-  return ticks / clkTck;
+  return processCpuSeconds(pid, clkTck);
 }
 
 /** A process's command name (/proc/PID/comm). */
@@ -366,21 +334,6 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
     throw e;
   }
   return { kind, child, pid, uri, canWrite: true };
-}
-
-async function stopServer(r: { readonly child: ChildProcess }): Promise<void> {
-  if (r.child.exitCode !== null || r.child.signalCode !== null) return;
-  const done = new Promise<void>((resolve) => r.child.on('exit', () => resolve()));
-  r.child.kill('SIGTERM');
-  const t = setTimeout(() => r.child.kill('SIGKILL'), 10_000);
-  await done;
-  clearTimeout(t);
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
 async function nbdcopy(src: string, dst: string, conns: number): Promise<void> {
