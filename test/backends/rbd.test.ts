@@ -10,6 +10,8 @@ import * as path from 'node:path';
 import { REQ, EXTENT } from '../../src/device/types.js';
 import { BACKEND_SETTINGS } from '../../src/backends/index.js';
 import { RbdDevice, rbdBackend, parseRbdSpec } from '../../src/backends/rbd/index.js';
+import { BlockError } from '../../src/errors/index.js';
+import { loadLibrbd } from '../../src/backends/rbd/librbd.js';
 import { startCephCluster, type CephCluster } from '../helpers/ceph.js';
 import { seededBytes } from '../helpers/data.js';
 import { assertSameBytes, rejectsWith } from '../helpers/assertions.js';
@@ -232,6 +234,13 @@ describe('rbd backend on a real cluster', () => {
     assert.ok(BACKEND_SETTINGS.has('rbd'));
     assert.deepEqual(parseRbdSpec('rbd/disk1'), { pool: 'rbd', image: 'disk1' });
     assert.throws(() => parseRbdSpec('disk1'), /expected POOL\/IMAGE/);
+  });
+
+  test('a librbd that cannot be loaded is ENOSYS naming the Debian package to install', () => {
+    assert.throws(
+      () => loadLibrbd({ rados: 'librados.so.2', rbd: 'librbd-not-installed.so.1' }),
+      (e: unknown) => e instanceof BlockError && e.code === 'ENOSYS' && /install the Debian package librbd1/.test(e.message) && /librbd-not-installed/.test(e.message),
+    );
   });
 
   test('a conf file that does not exist fails with its path in the message', async () => {

@@ -82,30 +82,53 @@ export interface Librbd {
   strerror(errno: number): string;
 }
 
+/** The shared objects loaded (the sonames of Ceph's C APIs, stable since Ceph 0.x). */
+export const LIBRARY_FILES = Object.freeze({ rados: 'librados.so.2', rbd: 'librbd.so.1' } as const);
+
 let loaded: Librbd | { readonly reason: string } | undefined;
 
-/** The bound libraries, loaded once per process; throws a BlockError naming the package when they cannot be loaded. */
-export function loadLibrbd(): Librbd {
+/**
+ * The bound libraries, loaded once per process; throws a BlockError naming the package when
+ * they cannot be loaded. Other `files` (tests) are loaded afresh, never cached.
+ */
+export function loadLibrbd(files: { readonly rados: string; readonly rbd: string } = LIBRARY_FILES): Librbd {
+  if (files !== LIBRARY_FILES) {
+    try {
+      return bind(files);
+    } catch (e) {
+      return refuse(e instanceof Error ? e.message : String(e));
+    }
+  }
   if (loaded === undefined) {
     try {
-      loaded = bind();
+      loaded = bind(files);
     } catch (e) {
       loaded = { reason: e instanceof Error ? e.message : String(e) };
     }
   }
-  if ('reason' in loaded) {
-    throw new BlockError(
-      'ENOSYS',
-      `rbd: cannot load librbd.so.1 / librados.so.2 (install the Debian package ${LIBRBD_PACKAGE}, or your distribution's librbd): ${loaded.reason}`,
-    );
-  }
+  if ('reason' in loaded) return refuse(loaded.reason);
   return loaded;
 }
 
-function bind(): Librbd {
+function refuse(reason: string): never {
+  throw new BlockError(
+    'ENOSYS',
+    `rbd: cannot load librbd.so.1 / librados.so.2 (install the Debian package ${LIBRBD_PACKAGE}, or your distribution's librbd): ${reason}`,
+  );
+}
+
+function bind(files: { readonly rados: string; readonly rbd: string }): Librbd {
   const koffi = createRequire(import.meta.url)('koffi') as typeof Koffi;
-  const rados = koffi.load('librados.so.2');
-  const rbd = koffi.load('librbd.so.1');
+  // koffi's message does not say which file it could not open.
+  const open = (file: string): Koffi.IKoffiLib => {
+    try {
+      return koffi.load(file);
+    } catch (e) {
+      throw new Error(`${file}: ${e instanceof Error ? e.message : String(e)}`, { cause: e });
+    }
+  };
+  const rados = open(files.rados);
+  const rbd = open(files.rbd);
   const libc = koffi.load(null);
   // Every handle is a `void *` to koffi: an opaque External that is passed back as is.
   const outPtr = koffi.out(koffi.pointer('void *'));
