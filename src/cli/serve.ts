@@ -135,7 +135,13 @@ export function nbdUri(addr: ListenAddress, exportName: string, tls: UriTls = { 
  * `config` set, the listen and export flags must be absent (the command refuses them,
  * CONFIG_CONFLICTS).
  */
-export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig {
+/**
+ * The configuration the flags (or the --config file they name) describe. `levelGiven`
+ * false: -l was left at its default, so the configuration carries a level only if the
+ * file sets one (a --run command then logs only warnings).
+ */
+export function configFromFlags(specs: string[], flags: ServeFlags, levelGiven = true): ServeConfig {
+  const flagLevel = levelGiven ? { logLevel: flags.logLevel } : {};
   if (flags.config) {
     if (specs.length > 0) throw new BlockError('EINVAL', 'give exports either on the command line or in --config, not both');
     let raw: unknown;
@@ -145,7 +151,7 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
       throw new BlockError('EINVAL', `${flags.config}: ${(e as Error).message}`, { cause: e });
     }
     const cfg = resolvePluginPaths(parseConfig(raw, flags.config), path.dirname(path.resolve(flags.config)));
-    return { ...cfg, logLevel: cfg.logLevel ?? (flags.logLevel as ServeConfig['logLevel']) };
+    return cfg.logLevel !== undefined || !levelGiven ? cfg : { ...cfg, logLevel: flags.logLevel as ServeConfig['logLevel'] };
   }
   const filters = flags.filter ?? [];
   const exports = parseExportSpecs(specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC], flags.readOnly).map((e) =>
@@ -165,7 +171,7 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
   if (flags.unix) listen.push({ path: flags.unix, ...security });
   else for (const host of flags.address ?? [DEFAULT_HOST]) listen.push({ host, port, ...security });
   return parseConfig(
-    { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
+    { exports, listen, ...flagLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
     'command line',
   );
 }
@@ -290,7 +296,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   if (flags.run && flags.unix && (flags.address || given.port)) {
     throw new BlockError('EINVAL', '--run serves on --unix or on TCP (--address/--port), not both');
   }
-  const cfg = configFromFlags(specs, flags);
+  const cfg = configFromFlags(specs, flags, given.logLevel);
   if (flags.dumpConfig) {
     process.stdout.write(`${JSON.stringify(effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), null, 2)}\n`);
     return 0;
@@ -298,7 +304,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   const activated = takeActivatedSockets();
   checkActivation(activated, flags, given, cfg);
   // A captive command's output is the user's: only problems are logged, unless asked.
-  const level = flags.verbose ? 'debug' : flags.run && !given.logLevel && !cfg.logLevel ? 'warn' : (cfg.logLevel ?? flags.logLevel);
+  const level = flags.verbose ? 'debug' : (cfg.logLevel ?? (flags.run ? 'warn' : flags.logLevel));
   const log = createLogger({ level, format: flags.logFormat, file: flags.logFile });
   const exports = await buildExports(cfg, flags.config ?? 'command line', serveRegistryLogging(log));
   exports.forEach((e, i) => {

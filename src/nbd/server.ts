@@ -13,6 +13,7 @@ import { DEFAULT_LIMITS, InFlightBudget, validateLimits, type ServerLimits } fro
 import { NbdSession, type SessionHost } from './session.js';
 import { AddressRules, type AddressRuleSpec } from '../io/address-rules.js';
 import { peerCredentials, peerCredentialsUnavailable } from '../io/peer-cred.js';
+import { unixSocketPath } from '../io/socket-activation.js';
 import { ExportPolicy, type Client, type ExportPolicySpec } from './access.js';
 import type { ExportAccess } from './handshake.js';
 import { TLS_OFF, type ServerTls } from './tls.js';
@@ -180,9 +181,11 @@ export class NbdServer implements SessionHost, ExportTable {
     });
     this.#servers.push(server);
     const bound = server.address();
+    // Node knows a TCP socket's address whatever its origin; a pipe taken with { fd } has none (null).
+    const inheritedUnix = 'fd' in addr && (bound === null || typeof bound === 'string');
     if ('fd' in addr) {
       try {
-        checkUids(typeof bound === 'string');
+        checkUids(inheritedUnix);
       } catch (e) {
         server.close();
         throw e;
@@ -193,7 +196,10 @@ export class NbdServer implements SessionHost, ExportTable {
       return addr;
     }
     if (typeof bound === 'string') return { path: bound };
-    if (bound === null) throw new BlockError('EINVAL', `descriptor ${'fd' in addr ? addr.fd : '?'} is not a listening socket`);
+    if (bound === null) {
+      // Unnamed when /proc cannot tell: the listener serves all the same.
+      return { path: 'fd' in addr ? (unixSocketPath(addr.fd) ?? `(descriptor ${addr.fd})`) : '' };
+    }
     return { host: bound.address, port: bound.port };
   }
 
