@@ -28,7 +28,6 @@ import { NbdServer, type ListenAddress, type ListenTarget, type ListenerOptions 
 import { loadTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 import type { ExportPolicySpec } from '../nbd/access.js';
 import { Export } from '../export/index.js';
-import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
 import { StackLayerError, newStackContext, type LayerDescription, type StackRegistry } from '../device/index.js';
 import {
@@ -322,7 +321,9 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   const ctl =
     flags.control === false || (flags.run !== undefined && flags.control === undefined)
       ? undefined
-      : await startControlServer({
+      : // Loaded only when a control socket is opened: the gate kernel and the control
+        // protocol are a tenth of serve's modules, of no use to a captive --run.
+        await (await import('../gate/control/server.js')).startControlServer({
           nbd: server,
           ...(typeof flags.control === 'string' ? { path: flags.control } : {}),
           required: typeof flags.control === 'string',
