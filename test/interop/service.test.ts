@@ -12,11 +12,21 @@ import os from 'node:os';
 import path from 'node:path';
 import { BLOCKGATE_CLI, ChildSet, blockgateRun } from '../helpers/children.js';
 import { run, runOk } from '../helpers/run.js';
+import { freePort } from '../helpers/ports.js';
 
 const children = new ChildSet();
+/** Servers whose parent the tests kill on purpose (so not in `children`). */
+const orphans: number[] = [];
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-service-'));
 after(() => {
   children.killAll();
+  for (const pid of orphans) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Already gone, as it should be.
+    }
+  }
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
@@ -35,15 +45,10 @@ async function until<T>(what: string, probe: () => T | null | undefined): Promis
   throw new Error(`gave up waiting for ${what}`);
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
+
+/** The pid file's text once it exists (a server writes it when listening). */
+function pidFileText(file: string): Promise<string> {
+  return until(`the pid file ${path.basename(file)}`, () => (fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : null));
 }
 
 /** The JSON log lines of a stderr text, skipping anything else. */
@@ -182,7 +187,7 @@ describe('service basics', () => {
     const sock = path.join(tmp, 'pid.sock');
     const pidfile = path.join(tmp, 'serve.pid');
     const srv = children.blockgate(['serve', '--no-control', '-U', sock, '-P', pidfile, 'memory:1M']);
-    const pid = await until('the pid file', () => (fs.existsSync(pidfile) ? fs.readFileSync(pidfile, 'utf8') : null));
+    const pid = await pidFileText(pidfile);
     assert.equal(pid, `${srv.proc.pid}\n`);
     // Whoever waited for the file can connect at once.
     const r = await runOk('nbdinfo', ['--size', `nbd+unix:///?socket=${sock}`]);
@@ -200,7 +205,7 @@ describe('service basics', () => {
     fs.writeFileSync(exportsFile, `127.0.0.1 RW ${disk}\n`);
     const port = await freePort();
     const g = children.blockgate(['ggated', '-a', '127.0.0.1', '-p', String(port), '-F', pidfile, '--log-format', 'json', exportsFile]);
-    await until('the ggated pid file', () => (fs.existsSync(pidfile) ? true : null));
+    await pidFileText(pidfile);
     // Listening by then: a TCP connect succeeds at once.
     await new Promise<void>((resolve, reject) => {
       const s = net.connect(port, '127.0.0.1', () => {
@@ -221,7 +226,9 @@ describe('service basics', () => {
     // A shell parent that starts serve in the background and then waits forever.
     const cmd = [...SERVER, 'serve', '--no-control', '--exit-with-parent', '-U', sock, '-P', pidfile, 'memory:1M'].map((a) => `'${a}'`).join(' ');
     const parent = children.start('/bin/sh', ['-c', `${cmd} 2>${path.join(tmp, 'orphan.log')} & wait`]);
-    const pid = Number(await until('the orphan pid file', () => (fs.existsSync(pidfile) ? fs.readFileSync(pidfile, 'utf8') : null)));
+    const pid = Number(await pidFileText(pidfile));
+    // Not a child of this process: killed by PID in `after` should the test fail.
+    orphans.push(pid);
     parent.proc.kill('SIGKILL');
     await parent.exited();
     // Gone by itself, gracefully: the pid file and the socket are removed.
