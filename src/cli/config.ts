@@ -27,6 +27,7 @@ import { parseOrThrow, type LayerDescription } from '../device/index.js';
 import { AddressRules } from '../io/address-rules.js';
 import { ExportPolicy } from '../nbd/access.js';
 import { TLS_MODES } from '../nbd/tls.js';
+import { parseHttpAddress } from '../http/address.js';
 
 /** Default TCP port (IANA's NBD port). */
 export const DEFAULT_PORT = 10809;
@@ -109,11 +110,25 @@ export const ConfigSchema = keys('a configuration object', {
   listen: v.optional(v.array(ListenSchema, (i) => `expected a list of listeners, got ${i.received}`)),
   defaultExport: v.optional(str('an export name string')),
   logLevel: v.optional(v.picklist(LEVELS, `expected one of ${LEVELS.join(', ')}`)),
+  /** `[HOST:]PORT` of the HTTP listener (metrics, status page), as --http. */
+  http: v.optional(v.pipe(str('a [HOST:]PORT string'), v.check((x) => httpAddressError(x) === null, (i) => httpAddressError(String(i.input)) ?? 'bad address'))),
+  /** false: count nothing, as --no-metrics. */
+  metrics: v.optional(bool()),
   exports: v.pipe(
     v.array(ExportSchema, (i) => `expected a list of exports, got ${i.received}`),
     v.minLength(1, 'at least one export is needed'),
   ),
 });
+
+/** Why `text` is not an --http address, or null. */
+function httpAddressError(text: string): string | null {
+  try {
+    parseHttpAddress(text);
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
 
 /** Parses a TCP port from the command line (commander's argument parser: one clear line on error). */
 export function parsePort(value: string): number {

@@ -41,6 +41,8 @@ import {
   type ServeConfig,
 } from './config.js';
 import { collectFilter, effectiveConfig } from './filter-option.js';
+import { Observability, parseHttpOption } from './observability.js';
+import { parseHttpAddress, type HttpAddress } from '../http/address.js';
 
 /** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
@@ -92,6 +94,10 @@ interface ServeFlags {
   foreground?: boolean;
   logFormat?: LogFormat;
   logFile?: string;
+  /** `--http [HOST:]PORT` (docs/OBSERVABILITY.md). */
+  http?: HttpAddress;
+  /** false with --no-metrics. */
+  metrics?: boolean;
 }
 
 /** Which of the listen flags the user typed (commander's option sources), not their defaults. */
@@ -314,7 +320,12 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   for (const e of cfg.exports) {
     if (e.tls || e.allow || e.deny || e.pskIdentities || e.subjects) access[e.name] = e;
   }
-  const server = new NbdServer({ exports, logger: log, access, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
+  const obs = new Observability({
+    metrics: flags.metrics !== false && cfg.metrics !== false,
+    http: flags.http ?? (cfg.http !== undefined ? parseHttpAddress(cfg.http) : undefined),
+    logger: log,
+  });
+  const server = new NbdServer({ exports, logger: log, access, ...(obs.sink ? { metrics: obs.sink } : {}), ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
   // Before listening, so that a bad --control leaves nothing running.
@@ -328,6 +339,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
           ...(typeof flags.control === 'string' ? { path: flags.control } : {}),
           required: typeof flags.control === 'string',
           logger: log,
+          ...(obs.live ? { live: obs.live } : {}),
         });
 
   let tmpDir: string | null = null;
@@ -358,6 +370,13 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
     bound.push({ addr, tls: uriTls });
     log.info({ uri: nbdUri(addr, defaultName, uriTls), tls: uriTls.mode, exports: exports.map((e) => e.name), ...('fd' in target ? { fd: target.fd, fdName: name } : {}) }, 'listening');
   }
+  await obs.start({ server, control: ctl }).catch(async (e: unknown) => {
+    // A busy --http port: nothing may keep running.
+    await server.close();
+    await ctl?.close();
+    await Promise.all(exports.map((x) => x.device.close().catch(() => undefined)));
+    throw e;
+  });
   const missing = missingV8Flags();
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
@@ -369,6 +388,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   if (!flags.run) notifyReady(log, { uris: bound.map((b) => nbdUri(b.addr, defaultName, b.tls)) });
 
   const stop = async (): Promise<void> => {
+    await obs.close();
     await server.close();
     await ctl?.close();
     await Promise.all(exports.map((e) => e.device.close().catch((err: unknown) => log.error({ err }, 'close failed'))));
@@ -448,6 +468,8 @@ export function serveCommand(): Command {
     .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
     .addOption(new Option('--log-format <format>', 'log lines: pretty (readable), json, or auto (pretty on a terminal, else json)').choices(LOG_FORMATS).default('auto'))
     .option('--log-file <file>', 'append the log to FILE instead of stderr')
+    .option('--http <[host:]port>', 'HTTP listener for /metrics (Prometheus), /healthz, /readyz, /api/status and the live status page at / (host default: 127.0.0.1; docs/OBSERVABILITY.md)', parseHttpOption)
+    .option('--no-metrics', 'count nothing (no live figures in blockgate status, no --http); for the last per cent of speed')
     .action(async (specs: string[], flags: ServeFlags, cmd: Command) => {
       try {
         const given: GivenFlags = { port: cmd.getOptionValueSource('port') === 'cli', logLevel: cmd.getOptionValueSource('logLevel') === 'cli' };
