@@ -35,6 +35,7 @@ import { infoCommand } from '../src/cli/info.js';
 import { mapCommand } from '../src/cli/map.js';
 import { copyCommand } from '../src/cli/copy.js';
 import { pluginsCommand, builtinLayers, type LayerInfo } from '../src/cli/plugins.js';
+import { rbdCommand } from '../src/cli/rbd.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 /** The hand-written pages. */
@@ -53,7 +54,7 @@ export interface ManPage {
 
 /** Every subcommand of `blockgate`, as the real commands (no stand-ins: the pages describe them in full). */
 function subcommands(): Command[] {
-  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), pluginsCommand()];
+  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), rbdCommand(), pluginsCommand()];
 }
 
 /** The man page of each subcommand that has one (the others are described in blockgate(1)). */

@@ -28,6 +28,7 @@ import { AddressRules } from '../io/address-rules.js';
 import { ExportPolicy } from '../nbd/access.js';
 import { TLS_MODES } from '../nbd/tls.js';
 import { parseHttpAddress } from '../http/address.js';
+import { parseRbdSpec } from '../backends/rbd/index.js';
 
 /** Default TCP port (IANA's NBD port). */
 export const DEFAULT_PORT = 10809;
@@ -163,7 +164,7 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */
-const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'nbd:URI', 'plugin:PATH'] as const;
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'rbd:POOL/IMAGE', 'nbd:URI', 'plugin:PATH'] as const;
 
 /**
  * Whether an export or `--filter` argument names a plugin module: a path starting with
@@ -175,7 +176,7 @@ export function isPluginPath(spec: string): boolean {
 
 /** An argument that starts an export of its own (so it is never taken for a plugin's `key=value`). */
 function isExportForm(value: string): boolean {
-  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|nbd|plugin):/i.test(value) || isPluginPath(value);
+  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|rbd|nbd|plugin):/i.test(value) || isPluginPath(value);
 }
 
 /**
@@ -212,6 +213,8 @@ const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
  * Parses one short export form of the command line:
  * - `PATH` (an existing file or block device): a file export;
  * - `TYPE:ARG` with TYPE memory|null|pattern (ARG = size) or file (ARG = path);
+ * - `rbd:POOL/IMAGE`: an RBD image with librados's default conf and user (a config file
+ *   can set `conf`, `id`, `keyring`); `-r` opens it read-only;
  * - `nbd:URI`, or an NBD URI on its own (`nbd://host:port/name`, `nbds://...`,
  *   `nbd+unix:///name?socket=PATH`, `nbds+unix://...`): re-export another server's
  *   export through the `nbd` backend, with its default settings (retries etc.; a config
@@ -248,6 +251,15 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
     const file = /^plugin:/i.test(rest) ? rest.slice(7) : rest;
     if (file === '') throw new BlockError('EINVAL', `export '${spec}': plugin: needs the path of a plugin module, e.g. plugin:./mydisk.js`);
     return { name, backend: { type: 'plugin', path: path.resolve(file) }, readOnly };
+  }
+  if (/^rbd:/i.test(rest)) {
+    let target: { pool: string; image: string };
+    try {
+      target = parseRbdSpec(rest.slice(4));
+    } catch (e) {
+      throw new BlockError('EINVAL', `export '${spec}': ${(e as Error).message}`);
+    }
+    return { name, backend: { type: 'rbd', ...target, ...(readOnly ? { readonly: true } : {}) }, readOnly };
   }
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
   const typed = /^([A-Za-z][A-Za-z0-9-]*):/.exec(rest);

@@ -90,6 +90,13 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
     load: async () => (await import('./copy.js')).copyCommand(),
   },
   {
+    name: 'rbd',
+    summary: 'create RBD images for the rbd backend (docs/CEPH.md)',
+    args: '',
+    options: false,
+    load: async () => (await import('./rbd.js')).rbdCommand(),
+  },
+  {
     name: 'plugins',
     summary: `list the built-in backends and filters with their settings (and plugin modules given by path; plugin API version ${PLUGIN_API_VERSION})`,
     args: '[path...]',

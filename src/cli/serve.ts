@@ -427,7 +427,7 @@ export function serveCommand(): Command {
     .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
     .argument(
       '[export...]',
-      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI, plugin:PATH), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, rbd:POOL/IMAGE, nbd:URI, plugin:PATH), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
     )
     .addOption(
       // The file says where to listen and what to serve; rather than guess which of the
