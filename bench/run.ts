@@ -307,7 +307,7 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
       // As the `blockgate` command starts (its shebang carries V8_FLAGS).
       args = [
         ...V8_FLAGS,
-        path.join(ROOT, 'dist/src/cli/main.js'),
+        path.join(ROOT, 'dist/bundle/cli/main.js'),
         'serve',
         '-p',
         String(port),
@@ -559,7 +559,7 @@ async function runCopyTool(tool: CopyTool, src: string, dst: string, conns: numb
   } else {
     cmd = process.execPath;
     // As the `blockgate` command starts (its shebang carries V8_FLAGS).
-    args = [...V8_FLAGS, path.join(ROOT, 'dist/src/cli/main.js'), 'copy', '-v', ...common, src, dst];
+    args = [...V8_FLAGS, path.join(ROOT, 'dist/bundle/cli/main.js'), 'copy', '-v', ...common, src, dst];
     // BENCH_CLIENT_NODE_OPTIONS: extra node flags for `blockgate copy` (e.g. --cpu-prof --cpu-prof-dir=DIR).
     if (process.env.BENCH_CLIENT_NODE_OPTIONS) args.unshift(...process.env.BENCH_CLIENT_NODE_OPTIONS.split(' ').filter(Boolean));
   }
@@ -757,7 +757,7 @@ interface StartupFigure {
 }
 
 function startupCommands(): { readonly name: string; readonly argv: readonly string[] }[] {
-  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  const main = path.join(ROOT, 'dist/bundle/cli/main.js');
   return [
     { name: 'node -e 0', argv: [process.execPath, '-e', '0'] },
     { name: 'blockgate serve --run true memory:1G', argv: [process.execPath, ...V8_FLAGS, main, 'serve', '--run', 'true', 'memory:1G'] },
@@ -801,15 +801,39 @@ async function startupRow(runs: number): Promise<StartupFigure[]> {
   }));
 }
 
-export function renderStartupTable(figs: readonly StartupFigure[], runs: number): string {
-  const lines = [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 |`, '|---|---|---|'];
-  for (const f of figs) lines.push(`| \`${f.name}\` | ${fmt(f.medianMs)} (${fmt(f.minMs)}–${fmt(f.maxMs)}) | ${fmt(f.vsNode, 2)} |`);
+/**
+ * Instructions each start-up command executes (callgrind's `I refs`, the process itself,
+ * not the children it runs): unlike wall time, the same count whatever else the shared
+ * machine is doing, so a change in start-up cost shows even under load. Null when
+ * valgrind is missing. Each run takes 5-20 s under valgrind, so only the full and
+ * --startup-only modes count them.
+ */
+async function startupInstructions(): Promise<number[] | null> {
+  if ((await sh('which', ['valgrind'])).code !== 0) return null;
+  const counts: number[] = [];
+  for (const c of startupCommands()) {
+    const r = await sh('valgrind', ['--tool=callgrind', '--callgrind-out-file=/dev/null', ...c.argv], { timeoutMs: 120_000 });
+    const m = /I\s+refs:\s+([\d,]+)/.exec(r.stderr);
+    if (r.code !== 0 || !m) throw new Error(`valgrind ${c.argv.join(' ')}: ${r.stderr.slice(-400)}`);
+    counts.push(Number(m[1]!.replaceAll(',', '')));
+  }
+  return counts;
+}
+
+export function renderStartupTable(figs: readonly StartupFigure[], runs: number, instructions: readonly number[] | null = null): string {
+  const lines = instructions
+    ? [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 | instructions (callgrind) | x node -e 0 |`, '|---|---|---|---|---|']
+    : [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 |`, '|---|---|---|'];
+  figs.forEach((f, i) => {
+    const ins = instructions ? ` ${fmt(instructions[i]! / 1e6)} M | ${fmt(instructions[i]! / instructions[0]!, 2)} |` : '';
+    lines.push(`| \`${f.name}\` | ${fmt(f.medianMs)} (${fmt(f.minMs)}–${fmt(f.maxMs)}) | ${fmt(f.vsNode, 2)} |${ins}`);
+  });
   return `${lines.join('\n')}\n`;
 }
 
 /** True when dist/ is missing or older than a source file (the bench runs blockgate from dist/). */
 function distStale(): boolean {
-  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  const main = path.join(ROOT, 'dist/bundle/cli/main.js');
   if (!fs.existsSync(main)) return true;
   const built = fs.statSync(main).mtimeMs;
   const newer = (dir: string): boolean =>
@@ -854,8 +878,9 @@ async function main(): Promise<void> {
   const startupRuns = STARTUP_RUNS[mode.name];
   process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
   const startup = await startupRow(startupRuns);
+  const startupIns = startupOnly || mode.name === 'full' ? await startupInstructions() : null;
   if (startupOnly) {
-    process.stdout.write(renderStartupTable(startup, startupRuns));
+    process.stdout.write(renderStartupTable(startup, startupRuns, startupIns));
     return;
   }
 
@@ -932,7 +957,7 @@ async function main(): Promise<void> {
   }
   if (results.length > 0) process.stdout.write(renderTable(results, mode));
   if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
-  process.stdout.write(`\n${renderStartupTable(startup, startupRuns)}`);
+  process.stdout.write(`\n${renderStartupTable(startup, startupRuns, startupIns)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
     jsonOut,
@@ -948,7 +973,7 @@ async function main(): Promise<void> {
         tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
         copy: copyFigures,
-        startup: { runs: startupRuns, figures: startup },
+        startup: { runs: startupRuns, figures: startup, instructions: startupIns },
       },
       null,
       2,
