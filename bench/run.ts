@@ -761,6 +761,8 @@ function startupCommands(): { readonly name: string; readonly argv: readonly str
   return [
     { name: 'node -e 0', argv: [process.execPath, '-e', '0'] },
     { name: 'blockgate serve --run true memory:1G', argv: [process.execPath, ...V8_FLAGS, main, 'serve', '--run', 'true', 'memory:1G'] },
+    // The same command from tsc's one-file-per-module output: what the bundle saves.
+    { name: 'the same, unbundled (dist/src)', argv: [process.execPath, ...V8_FLAGS, path.join(ROOT, 'dist/src/cli/main.js'), 'serve', '--run', 'true', 'memory:1G'] },
     { name: 'blockgate --help', argv: [process.execPath, ...V8_FLAGS, main, '--help'] },
     { name: 'nbdkit memory 1G --run true', argv: ['nbdkit', 'memory', '1G', '--run', 'true'] },
   ];
