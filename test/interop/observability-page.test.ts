@@ -109,16 +109,16 @@ c.shutdown()
     { timeoutMs: 120_000 },
   );
   try {
-    const before = Number(await page.$eval('body', (b) => b.dataset.updates));
-    // Two samples taken while the writer runs, the last with bytes written.
-    await page.waitForFunction(
-      (n: number) => Number(document.body.dataset.updates) >= n + 2 && /now .* B|now [1-9]/.test(document.querySelector('[data-export=disk] figcaption')!.textContent ?? '') && !/now 0 B\/s read, 0 B\/s write/.test(document.querySelector('[data-export=disk] figcaption')!.textContent ?? ''),
-      { timeout: PAGE_WAIT_MS },
-      before,
-    );
-    const points = Number(await page.$eval('[data-export=disk] canvas[data-graph=throughput]', (c) => (c as HTMLCanvasElement).dataset.points));
+    const before = Number(await page.$eval('body', (b) => b.getAttribute('data-updates')));
+    // Two samples taken while the writer runs, the last with bytes written. (Strings: this file has no DOM types.)
+    const caption = "(document.querySelector('[data-export=disk] figcaption').textContent || '')";
+    await page.waitForFunction(`Number(document.body.dataset.updates) >= ${before + 2} && /now /.test(${caption}) && !/now 0 B\\/s read, 0 B\\/s write/.test(${caption})`, { timeout: PAGE_WAIT_MS });
+    const points = Number(await page.$eval('[data-export=disk] canvas[data-graph=throughput]', (c) => c.getAttribute('data-points')));
     assert.ok(points >= 2, `the throughput graph drew ${points} samples`);
-    await page.waitForFunction(() => [...document.querySelectorAll('#sessions tbody tr[data-session]')].some((r) => r.children[1]!.textContent === 'disk' && /^[\d.]+ [KMGT]iB$/.test(r.children[8]!.textContent ?? '')), { timeout: PAGE_WAIT_MS });
+    await page.waitForFunction(
+      "[...document.querySelectorAll('#sessions tbody tr[data-session]')].some((r) => r.children[1].textContent === 'disk' && /^[\\d.]+ [KMGT]iB$/.test(r.children[8].textContent))",
+      { timeout: PAGE_WAIT_MS },
+    );
     const row = await page.$$eval('#sessions tbody tr[data-session]', (rs) => rs.map((r) => [...r.children].map((c) => c.textContent)));
     const disk = row.find((r) => r[1] === 'disk')!;
     assert.equal(disk[2], 'unix', 'the peer');
