@@ -61,7 +61,8 @@ export function formatStatus(r: StatusReport, previous?: StatusReport): string {
     const gate = e.gate !== undefined ? `, gate unit ${e.gate}` : '';
     out.push(`export ${name}: ${e.description}, ${formatSize(e.size)}, ${e.readOnly ? 'read-only' : 'read-write'}${gate}`);
     out.push(`  ${errseqText(e.errseq)}`);
-    if (e.live) {
+    // Only once there is something to say: an idle server's status reads as before.
+    if (e.live && Object.values(e.live.ops).some((f) => f.count > 0)) {
       out.push(...statsLines(e.live, 'live counts'));
       const before = previous?.exports.find((p) => p.name === e.name)?.live;
       if (before) out.push(rateLine(e.live, before));
