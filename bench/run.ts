@@ -9,6 +9,7 @@
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
+ *   npm run bench -- --overhead-only # only the metrics-overhead row (serve --http vs --no-metrics, 4 KiB QD32; every mode has it)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -288,7 +289,7 @@ interface Running {
   readonly canWrite: boolean;
 }
 
-async function startServer(kind: ServerKind, size: number, file: string, tlsSetup: TlsSetup): Promise<Running> {
+async function startServer(kind: ServerKind, size: number, file: string, tlsSetup: TlsSetup, extra: readonly string[] = []): Promise<Running> {
   const port = await freePort();
   const psk = tlsSetup.pskFile;
   // The PSK path is the bench's own (mkdtemp under /dev/shm): nothing in it needs escaping.
@@ -314,6 +315,7 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
         '-l',
         'warn',
         ...(kind === 'blockgate-memory-tls' ? ['--tls', 'require', '--tls-psk', psk] : []),
+        ...extra,
         ...(kind === 'blockgate-file' ? [`file:${file}`] : kind === 'blockgate-plugin' ? [path.join(ROOT, 'bench/plugin-memory.mjs'), `size=${size}`] : [`memory:${size}`]),
       ];
       // BENCH_SERVER_NODE_OPTIONS: extra node flags for blockgate only (e.g. --cpu-prof --cpu-prof-dir=DIR).
@@ -850,6 +852,88 @@ function fmt(n: number, digits = 0): string {
   return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
+/**
+ * The metrics-overhead row: the cost of counting (docs/OBSERVABILITY.md), as fio 4 KiB
+ * random reads and writes at QD32 against two blockgate memory servers started side by
+ * side in the same run, one with everything on (`--http 127.0.0.1:0`: the counters, the
+ * one-second sampler, prom-client loaded; nobody scrapes) and one with `--no-metrics`.
+ * They take turns in ABBA order (on, off, off, on, ...) so that drift in the machine's
+ * speed falls on both alike; each figure is the median of the rounds.
+ */
+const OVERHEAD_ROUNDS: Record<Mode['name'], number> = { full: 6, quick: 4, ci: 2 };
+/** The exports of the overhead row: small, since two servers hold one each. */
+const OVERHEAD_SIZE = 256 * 2 ** 20;
+const OVERHEAD_WORKLOADS: readonly Workload[] = ['rand-read-qd32', 'rand-write-qd32'];
+const OVERHEAD_SIDES = [
+  { name: 'on', args: ['--no-control', '--http', '127.0.0.1:0'] },
+  { name: 'off', args: ['--no-control', '--no-metrics'] },
+] as const;
+
+interface OverheadFigure {
+  readonly workload: Workload;
+  readonly rounds: number;
+  /** Median IOPS with metrics on and off. */
+  readonly onIops: number;
+  readonly offIops: number;
+  /**
+   * The median over rounds of on / off within the round (the two runs of a round are
+   * adjacent in time, so a load that comes and goes on a shared machine cancels out
+   * better than in the ratio of the two medians).
+   */
+  readonly ratio: number;
+  /** Server CPU seconds per GiB moved, on and off (medians). */
+  readonly onCpuPerGiB: number;
+  readonly offCpuPerGiB: number;
+}
+
+async function overheadRow(mode: Mode, data: string, tmp: string, tlsSetup: TlsSetup, live: Running[]): Promise<OverheadFigure[]> {
+  const m: Mode = { ...mode, size: OVERHEAD_SIZE };
+  const fill = path.join(tmp, 'overhead.img');
+  await must('sh', ['-c', `head -c ${OVERHEAD_SIZE} '${data}' > '${fill}'`]);
+  const servers: Running[] = [];
+  try {
+    for (const side of OVERHEAD_SIDES) {
+      const srv = await startServer('blockgate-memory', OVERHEAD_SIZE, fill, tlsSetup, side.args);
+      servers.push(srv);
+      live.push(srv);
+      // Filled and read once, untimed, as the other rows: both measured warm.
+      await nbdcopy(fill, srv.uri, 4);
+      await nbdcopy(srv.uri, 'null:', 1);
+    }
+    const rounds = OVERHEAD_ROUNDS[mode.name];
+    const out: OverheadFigure[] = [];
+    for (const w of OVERHEAD_WORKLOADS) {
+      const samples: Sample[][] = [[], []];
+      for (let r = 0; r < rounds; r++) {
+        const order = r % 2 === 0 ? [0, 1] : [1, 0];
+        for (const i of order) samples[i]!.push(await measure(servers[i]!, w, m, fill, tmp, tlsSetup));
+      }
+      const iops = samples.map((ss) => median(ss.map((s) => s.value)));
+      const cpu = samples.map((ss) => median(ss.map((s) => (s.cpu / s.bytes) * 2 ** 30)));
+      const ratio = median(samples[0]!.map((s, r) => s.value / samples[1]![r]!.value));
+      const f: OverheadFigure = { workload: w, rounds, onIops: iops[0]!, offIops: iops[1]!, ratio, onCpuPerGiB: cpu[0]!, offCpuPerGiB: cpu[1]! };
+      process.stderr.write(`  metrics overhead ${w.padEnd(15)} on ${fmt(f.onIops)} off ${fmt(f.offIops)} IOPS, on/off ${fmt(f.ratio, 3)}\n`);
+      out.push(f);
+    }
+    return out;
+  } finally {
+    for (const s of servers) {
+      await stopServer(s);
+      live.splice(live.indexOf(s), 1);
+    }
+    fs.rmSync(fill, { force: true });
+  }
+}
+
+export function renderOverheadTable(figs: readonly OverheadFigure[]): string {
+  const lines = [
+    `| metrics overhead (4 KiB, ${figs[0]?.rounds ?? 0} rounds ABBA) | metrics on IOPS | --no-metrics IOPS | on/off (median of rounds) | CPU s/GiB on | CPU s/GiB off |`,
+    '|---|---|---|---|---|---|',
+  ];
+  for (const f of figs) lines.push(`| ${f.workload} | ${fmt(f.onIops)} | ${fmt(f.offIops)} | ${fmt(f.ratio, 3)} | ${fmt(f.onCpuPerGiB, 2)} | ${fmt(f.offCpuPerGiB, 2)} |`);
+  return `${lines.join('\n')}\n`;
+}
+
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
   const base = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
@@ -862,6 +946,9 @@ async function main(): Promise<void> {
     mode = { ...base, servers: ALL_SERVERS.filter((k) => wanted.includes(k)) };
   }
   const startupOnly = argv.includes('--startup-only');
+  const overheadOnly = argv.includes('--overhead-only');
+  // Only the row's own data: OVERHEAD_SIZE, not the mode's exports.
+  if (overheadOnly) mode = { ...mode, servers: [], copyCases: [], size: OVERHEAD_SIZE };
   const copyOnly = argv.includes('--copy-only');
   const withCopy = !argv.includes('--no-copy');
   if (copyOnly && !withCopy) throw new Error('--copy-only and --no-copy exclude each other');
@@ -878,9 +965,9 @@ async function main(): Promise<void> {
   }
   clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
   const startupRuns = STARTUP_RUNS[mode.name];
-  process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
-  const startup = await startupRow(startupRuns);
-  const startupIns = startupOnly || mode.name === 'full' ? await startupInstructions() : null;
+  if (!overheadOnly) process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
+  const startup = overheadOnly ? [] : await startupRow(startupRuns);
+  const startupIns = startupOnly || (mode.name === 'full' && !overheadOnly) ? await startupInstructions() : null;
   if (startupOnly) {
     process.stdout.write(renderStartupTable(startup, startupRuns, startupIns));
     return;
@@ -895,8 +982,11 @@ async function main(): Promise<void> {
   let current: Running | null = null;
   let fioShim: string | null = null;
   let copyFigures: CopyFigure[] = [];
+  let overhead: OverheadFigure[] = [];
+  const overheadLive: Running[] = [];
   const cleanup = () => {
     current?.child.kill('SIGKILL');
+    for (const s of overheadLive) s.child.kill('SIGKILL');
     for (const c of copyLive) c.kill('SIGKILL');
     fs.rmSync(tmp, { recursive: true, force: true });
   };
@@ -954,12 +1044,14 @@ async function main(): Promise<void> {
     }
     fs.rmSync(fileExport, { force: true });
     if (mode.copyCases.length > 0) copyFigures = await copyRows(mode, data, tmp);
+    overhead = await overheadRow(mode, data, tmp, tlsSetup, overheadLive);
   } finally {
     cleanup();
   }
   if (results.length > 0) process.stdout.write(renderTable(results, mode));
   if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
-  process.stdout.write(`\n${renderStartupTable(startup, startupRuns, startupIns)}`);
+  process.stdout.write(`${results.length + copyFigures.length > 0 ? '\n' : ''}${renderOverheadTable(overhead)}`);
+  if (startup.length > 0) process.stdout.write(`\n${renderStartupTable(startup, startupRuns, startupIns)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
     jsonOut,
@@ -976,6 +1068,7 @@ async function main(): Promise<void> {
         results,
         copy: copyFigures,
         startup: { runs: startupRuns, figures: startup, instructions: startupIns },
+        overhead,
       },
       null,
       2,

@@ -63,7 +63,7 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
   },
   {
     name: 'status',
-    summary: 'show exports (write-back error state, sessions with an error pending) and gates of a running server',
+    summary: 'show exports (write-back error state, live counts, sessions with an error pending) and gates of a running server',
     args: '',
     options: true,
     load: async () => (await import('./status.js')).statusCommand(),

@@ -15,7 +15,7 @@ import type { NbdServer } from '../nbd/server.js';
 import type { NbdMetricsSink } from '../nbd/metrics.js';
 import type { Export } from '../export/export.js';
 import { HttpServer, httpUrl, json, parseHttpAddress, text, type HttpAddress, type HttpReply } from '../http/index.js';
-import { statusPage } from '../http/page.js';
+import { STATUS_PAGE_CSP, statusPage } from '../http/page.js';
 import { ServerMetrics, Sampler, createRegistry, type ErrseqEvent, type Sample } from '../metrics/index.js';
 
 /** commander's parser of `--http`: one clear line on a bad address. */
@@ -92,7 +92,9 @@ export class Observability {
     const sampler = new Sampler(metrics, () => server.listExports());
     const http = new HttpServer({
       routes: {
-        '/': () => ({ status: 200, type: 'text/html; charset=utf-8', body: statusPage() }),
+        '/': () => ({ status: 200, type: 'text/html; charset=utf-8', body: statusPage(), headers: { 'content-security-policy': STATUS_PAGE_CSP } }),
+        // Browsers ask for it; an empty answer keeps their consoles quiet.
+        '/favicon.ico': () => ({ status: 204, type: 'image/x-icon', body: '' }),
         '/metrics': async () => ({ status: 200, type: registry.contentType, body: await registry.metrics() }),
         '/healthz': () => text('ok\n'),
         '/readyz': () => this.#ready(),

@@ -27,6 +27,8 @@ export interface HttpReply {
   readonly status: number;
   readonly type: string;
   readonly body: string;
+  /** Extra response headers. */
+  readonly headers?: Readonly<Record<string, string>>;
 }
 
 export interface HttpRoutes {
@@ -118,7 +120,14 @@ export class HttpServer {
   }
 
   #send(res: http.ServerResponse, reply: HttpReply, headers: Record<string, string> = {}, head = false): void {
-    res.writeHead(reply.status, { 'content-type': reply.type, 'cache-control': 'no-store', 'content-length': Buffer.byteLength(reply.body), ...headers });
+    res.writeHead(reply.status, {
+      'content-type': reply.type,
+      'cache-control': 'no-store',
+      'x-content-type-options': 'nosniff',
+      'content-length': Buffer.byteLength(reply.body),
+      ...reply.headers,
+      ...headers,
+    });
     res.end(head ? undefined : reply.body);
   }
 

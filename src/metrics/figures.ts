@@ -53,10 +53,9 @@ export class RequestFigures implements RequestSink {
     this.listener = listener;
   }
 
-  begin(cost: number): number {
+  begin(cost: number): void {
     this.inFlightRequests++;
     this.inFlightBytes += cost;
-    return performance.now();
   }
 
   end(cmd: number, length: number, cost: number, errno: number, t0: number): void {

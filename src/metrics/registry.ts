@@ -5,12 +5,27 @@
  * (`process_*`, `nodejs_*`, among them `nodejs_eventloop_lag_*` from
  * perf_hooks.monitorEventLoopDelay). docs/OBSERVABILITY.md lists every metric.
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics, type Metric } from 'prom-client';
+import { createRequire } from 'node:module';
+import type { Counter, Gauge, Metric, Registry } from 'prom-client';
+import type * as PromClientModule from 'prom-client';
 import type { Export } from '../export/export.js';
 import type { GateInfo } from '../gate/gate-registry.js';
 import { BUCKETS, LATENCY_BOUNDS_S } from './histogram.js';
 import { COMMANDS, HANDSHAKE_RESULTS, REFUSED_REASONS, RESULTS } from './figures.js';
 import { writebackLayers, type ServerMetrics } from './server-metrics.js';
+
+type PromClient = typeof PromClientModule;
+
+/**
+ * prom-client, loaded on first use: it takes 40-80 ms to load, which `serve` without
+ * --http (and the start-up row of the bench, `serve --run`) must not pay. A require of
+ * an npm package, not an import of a module of src/, so it hides no edge of the
+ * layering table.
+ */
+let promClient: PromClient | undefined;
+function prom(): PromClient {
+  return (promClient ??= createRequire(import.meta.url)('prom-client') as PromClient);
+}
 
 /** What the registry reads besides the counters: the exports and gates of the moment. */
 export interface MetricSources {
@@ -32,12 +47,12 @@ function copied(kind: 'counter' | 'gauge', registry: Registry, name: string, hel
     registers: [registry],
     collect(this: Counter | Gauge) {
       this.reset();
-      if (this instanceof Counter) fill((l, v) => this.inc(l, v));
+      if (kind === 'counter') fill((l, v) => (this as Counter).inc(l, v));
       else fill((l, v) => (this as Gauge).set(l, v));
     },
   };
-  if (kind === 'counter') new Counter(config);
-  else new Gauge(config);
+  if (kind === 'counter') new (prom().Counter)(config);
+  else new (prom().Gauge)(config);
 }
 
 /** `le` as Prometheus writes it. */
@@ -81,8 +96,8 @@ function bucketHistogram(registry: Registry, metrics: ServerMetrics): void {
 
 /** The registry of a server's metrics and the process metrics. */
 export function createRegistry(metrics: ServerMetrics, sources: MetricSources): Registry {
-  const r = new Registry();
-  collectDefaultMetrics({ register: r });
+  const r = new (prom().Registry)();
+  prom().collectDefaultMetrics({ register: r });
   const figures = () => metrics.requestFigures();
   copied('counter', r, 'blockgate_requests_total', 'NBD requests answered, by command and result (ok or the NBD error sent)', ['export', 'listener', 'command', 'result'], (emit) => {
     for (const f of figures()) {

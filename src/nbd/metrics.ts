@@ -18,11 +18,12 @@ export type HandshakeResult = 'transmission' | 'abort' | 'timeout' | 'failed';
 
 /** The request hooks of one (export, listener) pair, taken once per session at the start of transmission. */
 export interface RequestSink {
-  /** A request starts: `cost` payload bytes are in flight. Returns the start time for {@link end}. */
-  begin(cost: number): number;
+  /** A request starts: `cost` payload bytes are in flight. */
+  begin(cost: number): void;
   /**
    * The request ended. `cmd` is the NBD command, `length` the request's length, `errno`
-   * the NBD wire error value of the reply (0 = success), `t0` what {@link begin} returned.
+   * the NBD wire error value of the reply (0 = success), `t0` the `performance.now()`
+   * at which its bytes arrived (the session reads the clock once per received chunk).
    */
   end(cmd: number, length: number, cost: number, errno: number, t0: number): void;
 }

@@ -127,6 +127,8 @@ interface Request {
 interface PendingChunk {
   readonly chunk: Buffer;
   readonly rx: RxBuffer | null;
+  /** When it arrived (performance.now(); 0 without a metrics sink). */
+  readonly at: number;
 }
 
 /** What the listener that accepted the connection sets for it. */
@@ -177,6 +179,8 @@ export class NbdSession implements ExportSession {
   #lent: boolean;
   /** The receive buffers lent to the socket (lent mode) and their holders. */
   readonly #rxBuffers: ReceiveBuffers;
+  /** When the bytes being parsed now arrived (performance.now(); 0 without a metrics sink): a request's start for its latency. */
+  #arrived = 0;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
   #feeding: RxBuffer | null = null;
   /** True while #feed runs. */
@@ -354,12 +358,15 @@ export class NbdSession implements ExportSession {
   // Input
 
   #onData(chunk: Buffer, rx: RxBuffer | null): void {
+    // One clock read per chunk, not per request: at QD32 a chunk holds many requests, and
+    // their latency is counted from when their bytes arrived.
+    const at = this.#requestSink !== null ? performance.now() : 0;
     if (this.#readPaused || this.#pendingHead < this.#pendingChunks.length) {
       if (rx) this.#rxBuffers.hold(rx);
-      this.#pendingChunks.push({ chunk, rx });
+      this.#pendingChunks.push({ chunk, rx, at });
       return;
     }
-    this.#feed(chunk, rx);
+    this.#feed(chunk, rx, at);
   }
 
   /**
@@ -368,8 +375,9 @@ export class NbdSession implements ExportSession {
    * request answered at once, from inside the parse) only unpauses, and the pending
    * bytes are fed, in order, once this parse is done.
    */
-  #feed(chunk: Buffer, rx: RxBuffer | null): void {
+  #feed(chunk: Buffer, rx: RxBuffer | null, at: number): void {
     this.#feeding = rx;
+    this.#arrived = at;
     this.#parsing = true;
     try {
       this.#parse(chunk);
@@ -390,7 +398,7 @@ export class NbdSession implements ExportSession {
       if (this.#readPaused) {
         const rx = this.#feeding;
         if (rx) this.#rxBuffers.hold(rx);
-        this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
+        this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx, at: this.#arrived });
         return;
       }
       switch (this.#state) {
@@ -648,6 +656,8 @@ export class NbdSession implements ExportSession {
     if (metrics) {
       this.#reportHandshake('transmission');
       this.#requestSink = metrics.requests(exp, this.#listener);
+      // Requests the client sent in the chunk that ended the handshake (read before there was a sink) start now.
+      this.#arrived = performance.now();
     }
     this.#log.info({ export: exp.name, replies: this.#replies, flags: this.#flagNames }, 'transmission');
     this.#expect(S.REQUEST_HEADER, this.#requestSize);
@@ -721,7 +731,7 @@ export class NbdSession implements ExportSession {
   // -------------------------------------------------------------------------------
   // Transmission: requests
 
-  /** Counts a request in flight; returns its start time for the metrics sink (0 without one). */
+  /** Counts a request in flight; returns its start time for the metrics sink (when its bytes arrived; 0 without one). */
   #begin(cost: number): number {
     this.#inFlight++;
     this.#inFlightBytes += cost;
@@ -734,7 +744,9 @@ export class NbdSession implements ExportSession {
       this.#pauseInput();
       this.#host.budget.wait(this.#wake);
     }
-    return this.#requestSink !== null ? this.#requestSink.begin(cost) : 0;
+    if (this.#requestSink === null) return 0;
+    this.#requestSink.begin(cost);
+    return this.#arrived;
   }
 
   #dispatch(h: RequestHeader, payload: Payload | null, owner: Buffer | null = null, rx: readonly RxBuffer[] | null = null): void {
@@ -914,8 +926,8 @@ export class NbdSession implements ExportSession {
     // The fields, not locals: feeding can pause again (and queue the rest) or resume
     // the feeding from inside #feed.
     while (this.#pendingHead < this.#pendingChunks.length && !this.#readPaused) {
-      const { chunk, rx } = this.#pendingChunks[this.#pendingHead++]!;
-      this.#feed(chunk, rx);
+      const { chunk, rx, at } = this.#pendingChunks[this.#pendingHead++]!;
+      this.#feed(chunk, rx, at);
       if (rx) this.#rxBuffers.release(rx);
     }
     if (this.#pendingHead === this.#pendingChunks.length) {
