@@ -10,6 +10,7 @@
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
  *   npm run bench -- --overhead-only # only the metrics-overhead row (serve --http vs --no-metrics, 4 KiB QD32; every mode has it)
+ *   npm run bench -- --ceph [--quick]  # the rbd backend vs qemu-nbd on a throw-away Ceph cluster (bench/ceph.ts, docs/CEPH.md)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -936,6 +937,13 @@ export function renderOverheadTable(figs: readonly OverheadFigure[]): string {
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
+  if (argv.includes('--ceph')) {
+    // The Ceph rows need a cluster and qemu-block-extra: their own module (bench/ceph.ts).
+    const ji = argv.indexOf('--json');
+    const { cephBench } = await import('./ceph.js');
+    await cephBench(argv, ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/ceph-latest.json'));
+    return;
+  }
   const base = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
   const si = argv.indexOf('--servers');
   let mode: Mode = base;

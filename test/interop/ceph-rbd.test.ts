@@ -149,6 +149,18 @@ h.flush()
       assert.ok(!covered(0, 4096) && !covered(30 * MiB, 4096), JSON.stringify(data));
       assert.ok(map.filter((e) => (e.type & 1) === 1).every((e) => e.type === 3), 'holes read as zeroes');
       assert.equal(map.reduce((t, e) => t + e.length, 0), 64 * MiB);
+      // A READ of a hole is one data chunk of zeroes: the rbd device asks for no extents
+      // beside reads (extentsOnRead false), since each query is an OSD round trip per object.
+      const read = await nbdshOut(`${CONNECT}
+chunks = []
+def chunk(buf, offset, status, err):
+    chunks.append([status, len(buf), buf == bytes(len(buf))])
+    return 0
+h.pread_structured(1 << 20, 30 << 20, chunk)
+out['chunks'] = chunks
+out['data'] = nbd.READ_DATA
+`, gw.uri);
+      assert.deepEqual(read.chunks, [[read.data, MiB, true]]);
     } finally {
       await stop(gw.child);
     }
