@@ -5,12 +5,14 @@ import { fileBackend, fileSettings } from './file.js';
 import { memoryBackend, memorySettings } from './memory.js';
 import { nullBackend, nullSettings } from './null.js';
 import { patternBackend, patternSettings } from './pattern.js';
+import { s3Backend, s3Settings } from './s3/index.js';
 
 
 export * from './memory.js';
 export * from './file.js';
 export * from './null.js';
 export * from './pattern.js';
+export * from './s3/index.js';
 
 /** Backend factories by the `type` a layer description names. */
 export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, BackendFactory>([
@@ -18,6 +20,7 @@ export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, Bac
   ['file', fileBackend],
   ['null', nullBackend],
   ['pattern', patternBackend],
+  ['s3', s3Backend],
 ]);
 
 /** Each backend's settings schema, by the same name (what `blockgate plugins` lists). */
@@ -26,4 +29,5 @@ export const BACKEND_SETTINGS: ReadonlyMap<string, GenericSchema> = new Map<stri
   ['file', fileSettings],
   ['null', nullSettings],
   ['pattern', patternSettings],
+  ['s3', s3Settings],
 ]);
