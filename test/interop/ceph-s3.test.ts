@@ -7,6 +7,11 @@
  *   naming the holder, `serve -r` readers run beside the writer;
  * - radosgw stopped (SIGSTOP): a read that needs S3 fails with a clear error after the
  *   request timeout (never a crash), and after SIGCONT the same server serves it again.
+ * - `blockgate s3 create` makes an export that serve opens without a size, and refuses
+ *   to create it again;
+ * - a writer killed with SIGKILL mid-write: what it acknowledged after a FLUSH reads back
+ *   through another gateway (a read-only one: the dead writer's lease holds until it
+ *   expires).
  * Every wait is bounded; children are killed by PID in `after`, the cluster stopped.
  */
 import { after, before, describe, test } from 'node:test';
@@ -15,7 +20,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { startCephCluster, type CephCluster } from '../helpers/ceph.js';
-import { ChildSet, type Child } from '../helpers/children.js';
+import { ChildSet, blockgateRun, type Child } from '../helpers/children.js';
 import { run, runOk } from '../helpers/run.js';
 import { seededBytes } from '../helpers/data.js';
 
@@ -132,6 +137,48 @@ describe('blockgate serve s3://', () => {
     // Released at the writer's exit: a new writer gets the export at once.
     const next = await serve([s3Url('lease')]);
     await stop(next.child);
+  });
+
+  test('blockgate s3 create makes an export serve opens without a size; creating it again is refused', async () => {
+    const url = `s3://made/disk?endpoint=${cluster.s3.endpoint}`;
+    const made = await blockgateRun(['s3', 'create', '--chunk-size', '256K', url, '8M']);
+    assert.equal(made.code, 0, made.stderr);
+    assert.match(made.stdout, /^created s3:\/\/made\/disk: 8MiB in chunks of 256KiB/);
+    const again = await blockgateRun(['s3', 'create', url, '16M']);
+    assert.equal(again.code, 1);
+    assert.match(again.stderr, /s3:\/\/made\/disk already exists \(8MiB in chunks of 256KiB\); nothing changed \(EEXIST\)/);
+    const { child, uri } = await serve([url]);
+    try {
+      assert.equal((await runOk('nbdinfo', ['--size', uri])).stdout.trim(), String(8 * MiB));
+    } finally {
+      await stop(child);
+    }
+  });
+
+  test('a writer killed mid-write: the data it acknowledged after a FLUSH reads back through another gateway', async () => {
+    const { child, uri } = await serve([s3Url('crash')]);
+    const durable = seededBytes(5, 3 * MiB + 4096);
+    const file = local('durable.bin');
+    fs.writeFileSync(file, durable);
+    // Write and FLUSH, then keep writing elsewhere and kill the server mid-way.
+    await runOk('nbdsh', ['-u', uri, '-c', `h.pwrite(open(${JSON.stringify(file)}, "rb").read(), 4096); h.flush()`]);
+    const writer = children.start('nbdsh', ['-u', uri, '-c', 'import os\nfor i in range(2000): h.pwrite(os.urandom(65536), 16 * 1048576 + (i % 200) * 65536)']);
+    await new Promise((r) => setTimeout(r, 500));
+    child.proc.kill('SIGKILL');
+    await child.exited();
+    writer.proc.kill('SIGKILL');
+    const reader = await serve(['-r', s3Url('crash')]);
+    try {
+      const out = local('back.bin');
+      await runOk('nbdsh', ['-u', reader.uri, '-c', `open(${JSON.stringify(out)}, "wb").write(h.pread(${durable.length}, 4096))`]);
+      assert.ok(fs.readFileSync(out).equals(durable), 'every byte acknowledged before the FLUSH is in S3');
+      // The dead writer's lease still holds: a new writer is refused until it expires.
+      const second = children.blockgate(['serve', '--no-control', '-l', 'warn', '-U', local('w2.sock'), s3Url('crash')]);
+      assert.notEqual(await second.exited(), 0);
+      assert.match(second.stderr(), new RegExp(`being written by [^ ]+:${child.proc.pid} `));
+    } finally {
+      await stop(reader.child);
+    }
   });
 
   test('radosgw stopped: a read that needs S3 fails with a clear error, the server lives on and recovers', async () => {
