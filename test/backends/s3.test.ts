@@ -250,6 +250,21 @@ describe('s3 backend', () => {
     }
   });
 
+  test('radosgw 16 conditions, as lease.ts relies on them: If-None-Match creates once, If-Match wants the bare ETag', async () => {
+    const key = `${fresh()}/probe`;
+    const put = (cond: { IfNoneMatch?: string; IfMatch?: string }) =>
+      raw.send(new PutObjectCommand({ Bucket: BUCKET, Key: key, Body: 'x', ...cond })).then(
+        (r) => r.ETag!,
+        (e: { $metadata?: { httpStatusCode?: number } }) => e.$metadata?.httpStatusCode ?? 0,
+      );
+    const etag = await put({ IfNoneMatch: '*' });
+    assert.equal(typeof etag, 'string');
+    assert.equal(await put({ IfNoneMatch: '*' }), 412, 'If-None-Match: * on an existing key');
+    assert.equal(await put({ IfMatch: etag as string }), 412, 'the quoted ETag S3 returned does not match on radosgw 16');
+    assert.equal(typeof (await put({ IfMatch: (etag as string).replace(/"/g, '') })), 'string', 'the bare ETag does');
+    assert.equal(await put({ IfMatch: '0123' }), 412, 'a wrong ETag');
+  });
+
   test('closing a writer releases the lease: the next writer gets it at once', async () => {
     const prefix = fresh();
     const first = await open(prefix);

@@ -12,6 +12,9 @@
  * - a writer killed with SIGKILL mid-write: what it acknowledged after a FLUSH reads back
  *   through another gateway (a read-only one: the dead writer's lease holds until it
  *   expires).
+ * - radosgw stopped under a writer: the FLUSH of the session that wrote and of another
+ *   session each report the failed upload once; after SIGCONT the kept chunk is uploaded
+ *   and FLUSH succeeds.
  * Every wait is bounded; children are killed by PID in `after`, the cluster stopped.
  */
 import { after, before, describe, test } from 'node:test';
@@ -205,6 +208,44 @@ describe('blockgate serve s3://', () => {
       resumed = true;
       const ok = await runOk('nbdsh', ['-u', uri, '-c', 'print(h.pread(4096, 0) == b"x" * 4096)'], { timeoutMs: 120_000 });
       assert.equal(ok.stdout.trim(), 'True');
+    } finally {
+      if (!resumed) process.kill(pid, 'SIGCONT');
+      await stop(child);
+    }
+  });
+
+  test('radosgw stopped under a writer: each session\'s FLUSH reports the failed upload once, and FLUSH succeeds after SIGCONT', async () => {
+    const { child, uri } = await serve([s3Url('wfault', '&requestTimeout=1000')]);
+    const pid = rgwPid();
+    let resumed = false;
+    try {
+      // Two connections; the first writes part of a chunk (acknowledged, kept in memory).
+      const script = [
+        'import os, signal, time',
+        'h2 = nbd.NBD()',
+        'h2.connect_uri(os.environ["uri"])',
+        'h.pwrite(b"w" * 1000, 100)',
+        'def flush(x):',
+        '    try:',
+        '        x.flush()',
+        '        return "ok"',
+        '    except nbd.Error as e:',
+        '        return "error " + str(e.errno)',
+        `os.kill(${pid}, signal.SIGSTOP)`,
+        'try:',
+        '    a1 = flush(h)',
+        'finally:',
+        `    os.kill(${pid}, signal.SIGCONT)`,
+        'b1 = flush(h2)',
+        'b2 = flush(h2)',
+        'a2 = flush(h)',
+        'print(a1, "|", b1, "|", b2, "|", a2, "|", h2.pread(1000, 100) == b"w" * 1000)',
+      ].join('\n');
+      const r = await runOk('nbdsh', ['-u', uri, '-c', script], { env: { uri }, timeoutMs: 120_000 });
+      resumed = true;
+      assert.match(r.stdout.trim(), /^error (ETIMEDOUT|EIO) \| error (ETIMEDOUT|EIO) \| ok \| ok \| True$/, r.stdout + r.stderr);
+      assert.equal(child.proc.exitCode, null, 'the server is still running');
+      assert.match(child.stderr(), /s3 backend: upload failed/);
     } finally {
       if (!resumed) process.kill(pid, 'SIGCONT');
       await stop(child);
