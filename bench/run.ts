@@ -9,6 +9,8 @@
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
+ *   npm run bench -- --ceph       # also the Ceph rows on a throw-away cluster: s3 export vs raw S3 (bench/s3.ts)
+ *   npm run bench -- --s3-only    # only the s3 rows (with --quick: 256 MiB, 1 run)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -35,6 +37,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
 import { NbdClient } from '../src/nbd/client.js';
+import { renderS3Table, runS3Bench, type S3BenchOptions, type S3BenchResult } from './s3.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -843,6 +846,17 @@ async function main(): Promise<void> {
   if (!withCopy) mode = { ...mode, copyCases: [] };
   const ji = argv.indexOf('--json');
   const jsonOut = ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/latest.json');
+  // The s3 rows: a 1 GiB export, 3 runs of 20 s random phases; 256 MiB and one run with --quick or --ci.
+  const s3Options: S3BenchOptions = mode.name === 'full' ? { size: 2 ** 30, seconds: 20, runs: 3 } : { size: 256 * 2 ** 20, seconds: 8, runs: 1 };
+  if (argv.includes('--s3-only')) {
+    process.stderr.write(`bench: s3 rows only, ${s3Options.size / 2 ** 20} MiB, ${s3Options.runs} run(s)\n`);
+    const s3 = await runS3Bench(s3Options);
+    process.stdout.write(renderS3Table(s3, s3Options));
+    fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
+    fs.writeFileSync(jsonOut, JSON.stringify({ mode: mode.name, date: new Date().toISOString(), s3: { options: s3Options, results: s3 } }, null, 2));
+    return;
+  }
+  const withCeph = argv.includes('--ceph');
   for (const tool of ['nbdkit', 'qemu-nbd', 'nbdcopy', 'fio']) {
     if ((await sh('which', [tool])).code !== 0) throw new Error(`${tool} is not installed (apt-get install nbdkit qemu-utils libnbd-bin fio)`);
   }
@@ -868,6 +882,7 @@ async function main(): Promise<void> {
   let current: Running | null = null;
   let fioShim: string | null = null;
   let copyFigures: CopyFigure[] = [];
+  let s3Figures: S3BenchResult[] = [];
   const cleanup = () => {
     current?.child.kill('SIGKILL');
     for (const c of copyLive) c.kill('SIGKILL');
@@ -927,11 +942,13 @@ async function main(): Promise<void> {
     }
     fs.rmSync(fileExport, { force: true });
     if (mode.copyCases.length > 0) copyFigures = await copyRows(mode, data, tmp);
+    if (withCeph) s3Figures = await runS3Bench(s3Options);
   } finally {
     cleanup();
   }
   if (results.length > 0) process.stdout.write(renderTable(results, mode));
   if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
+  if (s3Figures.length > 0) process.stdout.write(`\n${renderS3Table(s3Figures, s3Options)}`);
   process.stdout.write(`\n${renderStartupTable(startup, startupRuns)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
@@ -948,6 +965,7 @@ async function main(): Promise<void> {
         tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
         copy: copyFigures,
+        ...(s3Figures.length > 0 ? { s3: { options: s3Options, results: s3Figures } } : {}),
         startup: { runs: startupRuns, figures: startup },
       },
       null,
