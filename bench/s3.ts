@@ -18,6 +18,10 @@
  *   the chunk) unless it lands in a chunk already in memory; raw: 4 KiB PUTs of small
  *   objects, 32 at a time (what the same number of tiny writes would cost if the
  *   layout could avoid the read-modify-write).
+ * - the durability choice (docs/S3.md), on an S3Device opened in this process: the same
+ *   sequential 256 KiB writes, 32 in flight, acknowledged once in memory and ended by a
+ *   FLUSH (what blockgate does) against every write with FUA (acknowledged only after
+ *   its chunk's PUT: the alternative design).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
@@ -25,7 +29,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
-import { S3Store, S3_MAX_INFLIGHT, S3_DEFAULT_CHUNK_SIZE, resolveS3Settings } from '../src/backends/index.js';
+import { S3Device, S3Store, S3_MAX_INFLIGHT, S3_DEFAULT_CHUNK_SIZE, resolveS3Settings } from '../src/backends/index.js';
+import { REQ } from '../src/device/index.js';
+import { ErrSeq } from '../src/errseq/index.js';
 import { startCephCluster, type CephCluster } from '../test/helpers/ceph.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
@@ -41,8 +47,16 @@ export interface S3BenchOptions {
   readonly runs: number;
 }
 
-export type S3Workload = 'seq-write' | 'seq-read' | 'rand-read-qd32' | 'rand-write-qd32';
-export const S3_WORKLOADS: readonly S3Workload[] = ['seq-write', 'seq-read', 'rand-read-qd32', 'rand-write-qd32'];
+export type S3Workload = 'seq-write' | 'seq-read' | 'rand-read-qd32' | 'rand-write-qd32' | 'seq-write-acked' | 'seq-write-fua';
+export const S3_WORKLOADS: readonly S3Workload[] = ['seq-write', 'seq-read', 'rand-read-qd32', 'rand-write-qd32', 'seq-write-acked', 'seq-write-fua'];
+
+/*
+ * The durability choice is measured on the device itself in this process; its result row
+ * is 'seq-write-acked', whose "blockgate" figures are the acknowledged-in-memory writes and
+ * whose "raw" figures are the FUA ones ('seq-write-fua' has no row of its own).
+ */
+/** The write size of the durability rows: nbdcopy's default request size. */
+const DURABILITY_WRITE = 256 * 1024;
 
 export interface S3BenchResult {
   readonly workload: S3Workload;
@@ -203,7 +217,7 @@ async function rawRun(cluster: CephCluster, o: S3BenchOptions, run: number, data
     const randWrite = await timed(o.seconds, S3_MAX_INFLIGHT, async () => {
       await store.put(`r${run < 0 ? 'warm' : run}/small/${w++}`, small);
     });
-    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite };
+    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite, 'seq-write-acked': 0, 'seq-write-fua': 0 };
   } finally {
     store.close();
   }
@@ -228,9 +242,27 @@ async function blockgateRun(cluster: CephCluster, o: S3BenchOptions, run: number
     const seqRead = o.size / MiB / ((performance.now() - t0) / 1000);
     const randRead = await fio(s.uri, 'randread', o.size, o.seconds, dir);
     const randWrite = await fio(s.uri, 'randwrite', o.size, o.seconds, dir);
-    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite };
+    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite, 'seq-write-acked': 0, 'seq-write-fua': 0 };
   } finally {
     await stop(s);
+  }
+}
+
+/** MiB/s of sequential DURABILITY_WRITE writes into a fresh export, with `flags` on each, ended by a FLUSH. */
+async function deviceSeqWrite(cluster: CephCluster, o: S3BenchOptions, prefix: string, flags: number, data: Buffer): Promise<number> {
+  const dev = await S3Device.open({
+    ...resolveS3Settings({ type: 's3', bucket: 'bench-device', prefix, endpoint: cluster.s3.endpoint, accessKeyId: cluster.s3.accessKeyId, secretAccessKey: cluster.s3.secretAccessKey, size: o.size }),
+    errseq: new ErrSeq(),
+  });
+  try {
+    const t0 = performance.now();
+    await pool(o.size / DURABILITY_WRITE, S3_MAX_INFLIGHT, async (i) => {
+      await dev.write(data.subarray(i * DURABILITY_WRITE, (i + 1) * DURABILITY_WRITE), i * DURABILITY_WRITE, flags);
+    });
+    await dev.flush(0);
+    return o.size / MiB / ((performance.now() - t0) / 1000);
+  } finally {
+    await dev.close();
   }
 }
 
@@ -244,13 +276,18 @@ export async function runS3Bench(o: S3BenchOptions, log: (line: string) => void 
     const file = path.join(dir, 'data.img');
     const data = crypto.randomBytes(o.size);
     fs.writeFileSync(file, data);
-    const results = S3_WORKLOADS.map((w) => ({ workload: w, unit: w.startsWith('seq') ? ('MiB/s' as const) : ('IOPS' as const), blockgate: [] as number[], raw: [] as number[] }));
+    const results = S3_WORKLOADS.filter((w) => w !== 'seq-write-fua').map((w) => ({ workload: w, unit: w.startsWith('seq') ? ('MiB/s' as const) : ('IOPS' as const), blockgate: [] as number[], raw: [] as number[] }));
     // An untimed pass first: a fresh cluster is slower on its first requests (radosgw's
     // caches, the OSD's first writes), and that must not count against whichever is first.
     await rawRun(cluster, { ...o, size: Math.min(o.size, 128 * MiB), seconds: 3 }, -1, data);
     for (let run = 0; run < o.runs; run++) {
       const raw = await rawRun(cluster, o, run, data);
-      const bg = await blockgateRun(cluster, o, run, file, dir);
+      const bg: Record<S3Workload, number> = {
+        ...(await blockgateRun(cluster, o, run, file, dir)),
+        'seq-write-acked': await deviceSeqWrite(cluster, o, `acked${run}`, 0, data),
+        'seq-write-fua': await deviceSeqWrite(cluster, o, `fua${run}`, REQ.FUA, data),
+      };
+      raw['seq-write-acked'] = bg['seq-write-fua'];
       for (const r of results) {
         r.raw.push(raw[r.workload]);
         r.blockgate.push(bg[r.workload]);
@@ -273,6 +310,21 @@ export function renderS3Table(results: readonly S3BenchResult[], o: S3BenchOptio
     '|---|---|---|---|',
   ];
   const cell = (xs: readonly number[]) => `${fmt(median(xs))} (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})`;
-  for (const r of results) lines.push(`| ${r.workload} (${r.unit}) | ${cell(r.blockgate)} | ${cell(r.raw)} | ${fmt(median(r.blockgate) / median(r.raw), 2)} |`);
+  for (const r of results) {
+    if (r.workload === 'seq-write-acked') continue;
+    lines.push(`| ${r.workload} (${r.unit}) | ${cell(r.blockgate)} | ${cell(r.raw)} | ${fmt(median(r.blockgate) / median(r.raw), 2)} |`);
+  }
+  const d = results.find((r) => r.workload === 'seq-write-acked');
+  if (d) {
+    lines.push(
+      '',
+      `The durability choice (in this process, on the device: ${DURABILITY_WRITE / 1024} KiB sequential writes, ${S3_MAX_INFLIGHT} in flight, ended by a FLUSH):`,
+      '',
+      '| writes acknowledged | MiB/s | ratio |',
+      '|---|---|---|',
+      `| in memory, FLUSH waits for the PUTs (blockgate) | ${cell(d.blockgate)} | ${fmt(median(d.blockgate) / median(d.raw), 2)} |`,
+      `| after their chunk's PUT (FUA on every write) | ${cell(d.raw)} | 1.00 |`,
+    );
+  }
   return `${lines.join('\n')}\n`;
 }

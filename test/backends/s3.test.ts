@@ -16,7 +16,7 @@ import { ErrSeq } from '../../src/errseq/index.js';
 import { EXTENT, REQ, newStackContext, type LayerDescription } from '../../src/device/index.js';
 import { createStack } from '../../src/export/registry.js';
 import { Export, flushExport } from '../../src/export/index.js';
-import { S3Device, S3_WRITEBACK_DELAY_MS, chunkKey, parseS3Url, resolveS3Settings, s3Backend } from '../../src/backends/index.js';
+import { S3Device, S3Store, S3_WRITEBACK_DELAY_MS, chunkKey, parseS3Url, resolveS3Settings, s3Backend } from '../../src/backends/index.js';
 import { isBlockError } from '../../src/errors/index.js';
 
 let cluster: CephCluster;
@@ -208,6 +208,29 @@ describe('s3 backend', () => {
       assert.deepEqual(await reader.extents(0, 1024 * 1024, 0), expected, 'a reader, from its listing');
       await reader.close();
     } finally {
+      await dev.close();
+    }
+  });
+
+  test('a chunk written in sequential pieces is PUT once, when they cover it', async () => {
+    const prefix = fresh();
+    const dev = await open(prefix);
+    const puts: string[] = [];
+    const put = S3Store.prototype.put;
+    // Counts the real PUTs (each still goes to radosgw).
+    S3Store.prototype.put = function (this: S3Store, key: string, ...rest: Parameters<typeof put> extends [string, ...infer R] ? R : never) {
+      puts.push(key);
+      return put.call(this, key, ...rest);
+    };
+    try {
+      const data = randomBytes(4 * CHUNK);
+      const piece = CHUNK / 4;
+      await Promise.all(Array.from({ length: 16 }, (_, i) => dev.write(data.subarray(i * piece, (i + 1) * piece), i * piece, 0)));
+      await dev.flush(0);
+      assert.deepEqual(puts.sort(), [0, 1, 2, 3].map((i) => chunkKey(prefix, i)));
+      assert.deepEqual(await readAt(dev, 0, 4 * CHUNK), data);
+    } finally {
+      S3Store.prototype.put = put;
       await dev.close();
     }
   });

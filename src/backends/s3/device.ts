@@ -97,6 +97,12 @@ interface Entry {
   full: boolean;
   /** Written ranges [start, end) of a not-full image, sorted, disjoint, not touching. */
   covered: number[];
+  /**
+   * Ranges written since the last upload started (as `covered`), to upload a chunk the
+   * moment writes have covered it whole; null once more than S3_MAX_COVER_RANGES pieces
+   * (the write-back delay or a FLUSH then sends it).
+   */
+  fresh: number[] | null;
   fill: Promise<void> | null;
   /** Bumped by every change; `durableGen` is the last one an upload made durable. */
   gen: number;
@@ -414,23 +420,37 @@ export class S3Device implements BlockDevice {
           e.covered = [];
         }
       }
-      this.#dirtied(e);
+      this.#dirtied(e, at, end);
       return e;
     }
   }
 
   #newEntry(index: number, length: number, data: Buffer | null, full: boolean): Entry {
-    const e: Entry = { index, length, data, lent: false, full, covered: [], fill: null, gen: 0, durableGen: 0, upload: null, timer: null, failed: null };
+    const e: Entry = { index, length, data, lent: false, full, covered: [], fresh: [], fill: null, gen: 0, durableGen: 0, upload: null, timer: null, failed: null };
     this.#entries.set(index, e);
     this.#cachedBytes += length;
     return e;
   }
 
-  /** A change was made to `e`: schedule its upload. */
-  #dirtied(e: Entry): void {
+  /**
+   * Bytes [at, end) of `e` changed (the whole chunk when not given): upload it now if the
+   * writes since its last upload cover it whole (nothing more is likely to come: a
+   * sequential stream has moved on), else after the write-back delay.
+   */
+  #dirtied(e: Entry, at = 0, end = e.length): void {
     e.gen++;
-    if (e.upload !== null) return; // #settled starts the next one
-    if (e.full) {
+    if (e.fresh !== null) {
+      addRange(e.fresh, at, end);
+      if (e.fresh.length > 2 * S3_MAX_COVER_RANGES) e.fresh = null;
+    }
+    this.#schedule(e);
+  }
+
+  /** Starts the upload of dirty `e` now if written whole since the last one, else arms the delay. */
+  #schedule(e: Entry): void {
+    const covered = e.fresh !== null && e.fresh.length === 2 && e.fresh[0] === 0 && e.fresh[1] === e.length;
+    if (e.upload !== null) return; // #settled calls this again when it completes
+    if (covered) {
       this.#startUpload(e);
     } else if (e.timer === null) {
       e.timer = setTimeout(() => {
@@ -444,14 +464,19 @@ export class S3Device implements BlockDevice {
   /** Waits until an image of `length` bytes fits in S3_MAX_CACHED_BYTES. */
   async #room(length: number): Promise<void> {
     while (this.#cachedBytes > 0 && this.#cachedBytes + length > S3_MAX_CACHED_BYTES) {
+      // Uploads in flight free room by themselves. Only when none is does a partly
+      // written chunk go out early: uploading it while its other writes are still
+      // coming (a sequential stream that has not covered it yet) would PUT it twice.
       let progressing = false;
       let failure: BlockError | null = null;
-      for (const e of this.#entries.values()) {
-        if (e.upload !== null || e.fill !== null) progressing = true;
-        else if (e.failed !== null) failure = e.failed;
-        else if (e.gen > e.durableGen) {
-          this.#startUpload(e);
-          progressing = true;
+      for (const e of this.#entries.values()) if (e.upload !== null || e.fill !== null) progressing = true;
+      if (!progressing) {
+        for (const e of this.#entries.values()) {
+          if (e.failed !== null) failure = e.failed;
+          else if (e.gen > e.durableGen) {
+            this.#startUpload(e);
+            progressing = true;
+          }
         }
       }
       if (!progressing) {
@@ -480,6 +505,7 @@ export class S3Device implements BlockDevice {
       if (this.#lease !== null && !this.#lease.valid) throw this.#lease.invalidError;
       gen = e.gen;
       body = e.data;
+      e.fresh = [];
       const key = chunkKey(this.#prefix, e.index);
       if (body === null) {
         await this.#store.delete(key);
@@ -512,8 +538,9 @@ export class S3Device implements BlockDevice {
       if (e.timer !== null) clearTimeout(e.timer);
       this.#entries.delete(e.index);
       this.#cachedBytes -= e.length;
-    } else if (e.failed === null && e.full && !this.#closed) {
-      this.#startUpload(e);
+    } else if (e.failed === null && !this.#closed) {
+      // Changed while uploading: as any change (upload now if covered whole, else later).
+      this.#schedule(e);
     }
     this.#wakeRoom();
   }
