@@ -7,7 +7,7 @@
  *
  * One throw-away Ceph cluster (test/cluster/ceph-up.sh through test/helpers/ceph.ts) is
  * started for the rows and stopped at the end. Workloads, each on the same cluster:
- * - seq-write: nbdcopy a random file into a fresh export, `--flush` (so the time covers
+ * - seq-write: nbdcopy a random file into the export (whole chunks), `--flush` (so the time covers
  *   every PUT); raw: PUT chunk-size objects, S3_MAX_INFLIGHT at a time.
  * - seq-read: nbdcopy the export to null: from a freshly started server (nothing in its
  *   memory); raw: GET the same objects.
@@ -90,6 +90,13 @@ function must(cmd: string, args: readonly string[], env: NodeJS.ProcessEnv = {})
     });
   });
 }
+
+/**
+ * The raw small-PUT workload cycles through this many keys. The OSD keeps everything in
+ * RAM (memstore), so every run reuses the same keys and prefixes: overwriting a small
+ * object replaces it, where new keys per run would add up.
+ */
+const SMALL_OBJECTS = 4096;
 
 /** Runs `n` jobs, at most `width` at once. */
 async function pool(n: number, width: number, job: (i: number) => Promise<void>): Promise<void> {
@@ -194,7 +201,7 @@ async function rawRun(cluster: CephCluster, o: S3BenchOptions, run: number, data
     await store.createBucket();
     const chunk = S3_DEFAULT_CHUNK_SIZE;
     const n = o.size / chunk;
-    const key = (i: number) => `r${run < 0 ? 'warm' : run}/chunk/${i.toString(16).padStart(16, '0')}`;
+    const key = (i: number) => `${run < 0 ? 'warm' : 'raw'}/chunk/${i.toString(16).padStart(16, '0')}`;
     let t0 = performance.now();
     await pool(n, S3_MAX_INFLIGHT, async (i) => {
       await store.put(key(i), data.subarray(i * chunk, (i + 1) * chunk));
@@ -215,7 +222,7 @@ async function rawRun(cluster: CephCluster, o: S3BenchOptions, run: number, data
     });
     let w = 0;
     const randWrite = await timed(o.seconds, S3_MAX_INFLIGHT, async () => {
-      await store.put(`r${run < 0 ? 'warm' : run}/small/${w++}`, small);
+      await store.put(`${run < 0 ? 'warm' : 'raw'}/small/${w++ % SMALL_OBJECTS}`, small);
     });
     return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite, 'seq-write-acked': 0, 'seq-write-fua': 0 };
   } finally {
@@ -223,10 +230,10 @@ async function rawRun(cluster: CephCluster, o: S3BenchOptions, run: number, data
   }
 }
 
-/** The blockgate figures of one run: a fresh export per run. */
-async function blockgateRun(cluster: CephCluster, o: S3BenchOptions, run: number, file: string, dir: string): Promise<Record<S3Workload, number>> {
+/** The blockgate figures of one run (the first creates the export, later ones overwrite it whole). */
+async function blockgateRun(cluster: CephCluster, o: S3BenchOptions, file: string, dir: string): Promise<Record<S3Workload, number>> {
   const env = { AWS_ACCESS_KEY_ID: cluster.s3.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.s3.secretAccessKey, AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' };
-  const url = `s3://bench-export/run${run}?endpoint=${cluster.s3.endpoint}&size=${o.size}`;
+  const url = `s3://bench-export/export?endpoint=${cluster.s3.endpoint}&size=${o.size}`;
   let s = await serve(url, dir, env);
   let t0 = performance.now();
   try {
@@ -255,6 +262,9 @@ async function deviceSeqWrite(cluster: CephCluster, o: S3BenchOptions, prefix: s
     errseq: new ErrSeq(),
   });
   try {
+    // Untimed: an export of no objects, as the first run has (and the RAM of the last run's freed).
+    await dev.trim(0, o.size, 0);
+    await dev.flush(0);
     const t0 = performance.now();
     await pool(o.size / DURABILITY_WRITE, S3_MAX_INFLIGHT, async (i) => {
       await dev.write(data.subarray(i * DURABILITY_WRITE, (i + 1) * DURABILITY_WRITE), i * DURABILITY_WRITE, flags);
@@ -283,9 +293,9 @@ export async function runS3Bench(o: S3BenchOptions, log: (line: string) => void 
     for (let run = 0; run < o.runs; run++) {
       const raw = await rawRun(cluster, o, run, data);
       const bg: Record<S3Workload, number> = {
-        ...(await blockgateRun(cluster, o, run, file, dir)),
-        'seq-write-acked': await deviceSeqWrite(cluster, o, `acked${run}`, 0, data),
-        'seq-write-fua': await deviceSeqWrite(cluster, o, `fua${run}`, REQ.FUA, data),
+        ...(await blockgateRun(cluster, o, file, dir)),
+        'seq-write-acked': await deviceSeqWrite(cluster, o, 'acked', 0, data),
+        'seq-write-fua': await deviceSeqWrite(cluster, o, 'fua', REQ.FUA, data),
       };
       raw['seq-write-acked'] = bg['seq-write-fua'];
       for (const r of results) {
