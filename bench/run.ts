@@ -10,7 +10,9 @@
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
  *   npm run bench -- --overhead-only # only the metrics-overhead row (serve --http vs --no-metrics, 4 KiB QD32; every mode has it)
- *   npm run bench -- --ceph [--quick]  # the rbd backend vs qemu-nbd on a throw-away Ceph cluster (bench/ceph.ts, docs/CEPH.md)
+ *   npm run bench -- --ceph [--quick]  # only the Ceph rows, each pair on one throw-away cluster: the rbd backend vs
+ *                                      # qemu-nbd (bench/ceph.ts), the s3 backend vs raw S3 (bench/s3.ts); docs/CEPH.md, docs/S3.md
+ *   npm run bench -- --s3-only    # only the s3 rows (with --quick: 256 MiB, 1 run)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
  * data, measured, and stopped by PID before the next one starts.
@@ -37,6 +39,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
 import { NbdClient } from '../src/nbd/client.js';
+import { renderS3Table, runS3Bench, type S3BenchOptions } from './s3.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -938,10 +941,17 @@ export function renderOverheadTable(figs: readonly OverheadFigure[]): string {
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
   if (argv.includes('--ceph')) {
-    // The Ceph rows need a cluster and qemu-block-extra: their own module (bench/ceph.ts).
+    // The Ceph rows need a cluster and qemu-block-extra: their own modules (bench/ceph.ts, bench/s3.ts).
     const ji = argv.indexOf('--json');
     const { cephBench } = await import('./ceph.js');
     await cephBench(argv, ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/ceph-latest.json'));
+    const quick = argv.includes('--quick') || argv.includes('--ci');
+    const s3Options: S3BenchOptions = quick ? { size: 256 * 2 ** 20, seconds: 8, runs: 1 } : { size: 512 * 2 ** 20, seconds: 15, runs: 3 };
+    const s3 = await runS3Bench(s3Options);
+    process.stdout.write(`\n${renderS3Table(s3, s3Options)}`);
+    const s3Json = path.join(ROOT, 'bench/results/s3-latest.json');
+    fs.mkdirSync(path.dirname(s3Json), { recursive: true });
+    fs.writeFileSync(s3Json, JSON.stringify({ date: new Date().toISOString(), s3: { options: s3Options, results: s3 } }, null, 2));
     return;
   }
   const base = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
@@ -964,6 +974,17 @@ async function main(): Promise<void> {
   if (!withCopy) mode = { ...mode, copyCases: [] };
   const ji = argv.indexOf('--json');
   const jsonOut = ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/latest.json');
+  // The s3 rows: a 512 MiB export, 3 runs of 15 s random phases; 256 MiB and one run with
+  // --quick or --ci. The OSD holds everything in RAM, about 4 x the size across the rows.
+  const s3Options: S3BenchOptions = mode.name === 'full' ? { size: 512 * 2 ** 20, seconds: 15, runs: 3 } : { size: 256 * 2 ** 20, seconds: 8, runs: 1 };
+  if (argv.includes('--s3-only')) {
+    process.stderr.write(`bench: s3 rows only, ${s3Options.size / 2 ** 20} MiB, ${s3Options.runs} run(s)\n`);
+    const s3 = await runS3Bench(s3Options);
+    process.stdout.write(renderS3Table(s3, s3Options));
+    fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
+    fs.writeFileSync(jsonOut, JSON.stringify({ mode: mode.name, date: new Date().toISOString(), s3: { options: s3Options, results: s3 } }, null, 2));
+    return;
+  }
   for (const tool of ['nbdkit', 'qemu-nbd', 'nbdcopy', 'fio']) {
     if ((await sh('which', [tool])).code !== 0) throw new Error(`${tool} is not installed (apt-get install nbdkit qemu-utils libnbd-bin fio)`);
   }

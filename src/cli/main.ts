@@ -97,6 +97,13 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
     load: async () => (await import('./rbd.js')).rbdCommand(),
   },
   {
+    name: 's3',
+    summary: 'manage s3 exports: chunk objects in an S3 bucket (see docs/S3.md)',
+    args: '',
+    options: false,
+    load: async () => (await import('./s3.js')).s3Command(),
+  },
+  {
     name: 'plugins',
     summary: `list the built-in backends and filters with their settings (and plugin modules given by path; plugin API version ${PLUGIN_API_VERSION})`,
     args: '[path...]',

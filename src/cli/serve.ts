@@ -221,7 +221,8 @@ export async function buildExports(
   const built: Export[] = [];
   try {
     for (const [i, e] of cfg.exports.entries()) {
-      const ctx = newStackContext();
+      // A read-only export never writes: backends may open without writer-only resources.
+      const ctx = e.readOnly ? { ...newStackContext(), readOnly: true } : newStackContext();
       let device;
       try {
         device = await createStack({ backend: e.backend, filters: e.filters ?? [] }, ctx, registry);
@@ -427,7 +428,7 @@ export function serveCommand(): Command {
     .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
     .argument(
       '[export...]',
-      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, rbd:POOL/IMAGE, nbd:URI, plugin:PATH), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, rbd:POOL/IMAGE, nbd:URI, plugin:PATH), s3://BUCKET/PREFIX[?endpoint=URL&size=SIZE] (docs/S3.md), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
     )
     .addOption(
       // The file says where to listen and what to serve; rather than guess which of the
