@@ -10,7 +10,6 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { setTimeout as delay } from 'node:timers/promises';
 import { BLOCKGATE_CLI, ChildSet, blockgateOk, type Child } from '../helpers/children.js';
 import { runOk, run } from '../helpers/run.js';
 import { PY_ERRNO_OF, nbdshOut } from '../helpers/nbdsh-script.js';

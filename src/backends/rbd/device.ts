@@ -35,7 +35,7 @@ import { BlockError, codeFromLinux, linuxErrno, type ErrnoCode } from '../../err
 import { formatSize } from '../../device/size.js';
 import { REQ, EXTENT, type BlockDevice, type Capabilities, type Extent } from '../../device/types.js';
 import { DEFAULT_BLOCK_SIZE, closedError, readOnlyCapabilities, readOnlyError } from '../../device/defaults.js';
-import { loadLibrbd, type Handle, type Librbd } from './librbd.js';
+import { EVENT_TYPE_EVENTFD, loadLibrbd, type Handle, type Librbd } from './librbd.js';
 
 /**
  * Seconds an OSD request may wait before it fails with ETIMEDOUT (librados
@@ -249,7 +249,7 @@ export class RbdDevice implements BlockDevice {
     const lib = this.#lib;
     this.#efd = lib.eventfd();
     if (this.#efd < 0) throw new BlockError('EMFILE', 'rbd: eventfd() failed');
-    const rc = lib.rbdSetImageNotification(image, this.#efd, 2);
+    const rc = lib.rbdSetImageNotification(image, this.#efd, EVENT_TYPE_EVENTFD);
     if (rc < 0) {
       lib.closeFd(this.#efd);
       throw rbdError(lib, rc, `rbd: ${this.spec}: rbd_set_image_notification`);

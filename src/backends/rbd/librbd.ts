@@ -28,7 +28,7 @@ import { BlockError } from '../../errors/index.js';
 export const LIBRBD_PACKAGE = 'librbd1' as const;
 
 /** rbd_set_image_notification's event type for an eventfd (librbd.h rbd_image_event_type). */
-const EVENT_TYPE_EVENTFD = 2;
+export const EVENT_TYPE_EVENTFD = 2;
 /** eventfd(2) flags: EFD_CLOEXEC | EFD_NONBLOCK (Linux values). */
 const EFD_FLAGS = 0o2000000 | 0o4000;
 /** Bytes of one eventfd read (its 64-bit counter). */
