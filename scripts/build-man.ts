@@ -34,6 +34,7 @@ import { statusCommand } from '../src/cli/status.js';
 import { infoCommand } from '../src/cli/info.js';
 import { mapCommand } from '../src/cli/map.js';
 import { copyCommand } from '../src/cli/copy.js';
+import { s3Command } from '../src/cli/s3.js';
 import { pluginsCommand, builtinLayers, type LayerInfo } from '../src/cli/plugins.js';
 import { rbdCommand } from '../src/cli/rbd.js';
 
@@ -54,7 +55,7 @@ export interface ManPage {
 
 /** Every subcommand of `blockgate`, as the real commands (no stand-ins: the pages describe them in full). */
 function subcommands(): Command[] {
-  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), rbdCommand(), pluginsCommand()];
+  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), rbdCommand(), s3Command(), pluginsCommand()];
 }
 
 /** The man page of each subcommand that has one (the others are described in blockgate(1)). */
@@ -63,6 +64,7 @@ const SUBCOMMAND_PAGES: Readonly<Record<string, string>> = {
   ggated: 'blockgate-ggated(8)',
   ggatel: 'blockgate-ggatel(8)',
   ggatec: 'blockgate-ggatec(8)',
+  s3: 'blockgate-s3(1)',
 };
 
 /** Text put into Markdown as it is: every character Markdown could read as markup is escaped. */

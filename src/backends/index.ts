@@ -6,6 +6,7 @@ import { memoryBackend, memorySettings } from './memory.js';
 import { nullBackend, nullSettings } from './null.js';
 import { patternBackend, patternSettings } from './pattern.js';
 import { rbdBackend, rbdSettings } from './rbd/index.js';
+import { s3Backend, s3Settings } from './s3/index.js';
 
 
 export * from './memory.js';
@@ -13,6 +14,7 @@ export * from './file.js';
 export * from './null.js';
 export * from './pattern.js';
 export * from './rbd/index.js';
+export * from './s3/index.js';
 
 /** Backend factories by the `type` a layer description names. */
 export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, BackendFactory>([
@@ -21,6 +23,7 @@ export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, Bac
   ['null', nullBackend],
   ['pattern', patternBackend],
   ['rbd', rbdBackend],
+  ['s3', s3Backend],
 ]);
 
 /** Each backend's settings schema, by the same name (what `blockgate plugins` lists). */
@@ -30,4 +33,5 @@ export const BACKEND_SETTINGS: ReadonlyMap<string, GenericSchema> = new Map<stri
   ['null', nullSettings],
   ['pattern', patternSettings],
   ['rbd', rbdSettings],
+  ['s3', s3Settings],
 ]);

@@ -24,9 +24,11 @@ import { InvalidArgumentError } from 'commander';
 import * as v from 'valibot';
 import { BlockError } from '../errors/index.js';
 import { parseOrThrow, type LayerDescription } from '../device/index.js';
+import { parseS3Url } from '../backends/s3/settings.js';
 import { AddressRules } from '../io/address-rules.js';
 import { ExportPolicy } from '../nbd/access.js';
 import { TLS_MODES } from '../nbd/tls.js';
+import { parseHttpAddress } from '../http/address.js';
 import { parseRbdSpec } from '../backends/rbd/index.js';
 
 /** Default TCP port (IANA's NBD port). */
@@ -110,11 +112,25 @@ export const ConfigSchema = keys('a configuration object', {
   listen: v.optional(v.array(ListenSchema, (i) => `expected a list of listeners, got ${i.received}`)),
   defaultExport: v.optional(str('an export name string')),
   logLevel: v.optional(v.picklist(LEVELS, `expected one of ${LEVELS.join(', ')}`)),
+  /** `[HOST:]PORT` of the HTTP listener (metrics, status page), as --http. */
+  http: v.optional(v.pipe(str('a [HOST:]PORT string'), v.check((x) => httpAddressError(x) === null, (i) => httpAddressError(String(i.input)) ?? 'bad address'))),
+  /** false: count nothing, as --no-metrics. */
+  metrics: v.optional(bool()),
   exports: v.pipe(
     v.array(ExportSchema, (i) => `expected a list of exports, got ${i.received}`),
     v.minLength(1, 'at least one export is needed'),
   ),
 });
+
+/** Why `text` is not an --http address, or null. */
+function httpAddressError(text: string): string | null {
+  try {
+    parseHttpAddress(text);
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
 
 /** Parses a TCP port from the command line (commander's argument parser: one clear line on error). */
 export function parsePort(value: string): number {
@@ -149,7 +165,7 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */
-const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'rbd:POOL/IMAGE', 'nbd:URI', 'plugin:PATH'] as const;
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'rbd:POOL/IMAGE', 'nbd:URI', 'plugin:PATH', 's3://BUCKET/PREFIX'] as const;
 
 /**
  * Whether an export or `--filter` argument names a plugin module: a path starting with
@@ -161,7 +177,7 @@ export function isPluginPath(spec: string): boolean {
 
 /** An argument that starts an export of its own (so it is never taken for a plugin's `key=value`). */
 function isExportForm(value: string): boolean {
-  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|rbd|nbd|plugin):/i.test(value) || isPluginPath(value);
+  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|rbd|nbd|plugin):/i.test(value) || /^s3:\/\//i.test(value) || isPluginPath(value);
 }
 
 /**
@@ -208,6 +224,8 @@ const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
  *   `plugin:PATH`: a backend plugin module (docs/PLUGINS.md), `{ type: 'plugin', path }`
  *   with the path made absolute; its settings are the `key=value` arguments after it
  *   (parseExportSpecs);
+ * - `s3://BUCKET/PREFIX[?endpoint=URL&size=SIZE&...]`: an s3 export (docs/S3.md);
+ *   credentials come from the environment;
  * - `NAME=` followed by any form, to name the export (else it is named '').
  *
  * `NAME=` is recognised only before the first ':', so a URI's own `?socket=...` is never
@@ -231,6 +249,9 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
     const uri = NBD_URI.test(rest) ? rest : rest.slice(4);
     if (uri === '') throw new BlockError('EINVAL', `export '${spec}': nbd: needs a URI, e.g. nbd:nbd://127.0.0.1:10809/name`);
     return { name, backend: { type: 'nbd', uri, ...(readOnly ? { readonly: true } : {}) }, readOnly };
+  }
+  if (/^s3:\/\//i.test(rest)) {
+    return { name, backend: { ...parseS3Url(rest), ...(readOnly ? { readonly: true } : {}) }, readOnly };
   }
   if (/^plugin:/i.test(rest) || isPluginPath(rest)) {
     const file = /^plugin:/i.test(rest) ? rest.slice(7) : rest;

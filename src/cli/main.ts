@@ -63,7 +63,7 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
   },
   {
     name: 'status',
-    summary: 'show exports (write-back error state, sessions with an error pending) and gates of a running server',
+    summary: 'show exports (write-back error state, live counts, sessions with an error pending) and gates of a running server',
     args: '',
     options: true,
     load: async () => (await import('./status.js')).statusCommand(),
@@ -95,6 +95,13 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
     args: '',
     options: false,
     load: async () => (await import('./rbd.js')).rbdCommand(),
+  },
+  {
+    name: 's3',
+    summary: 'manage s3 exports: chunk objects in an S3 bucket (see docs/S3.md)',
+    args: '',
+    options: false,
+    load: async () => (await import('./s3.js')).s3Command(),
   },
   {
     name: 'plugins',

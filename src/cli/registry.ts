@@ -9,7 +9,7 @@ import { defaultRegistry, extendRegistry } from '../export/registry.js';
 import type { StackRegistry } from '../device/index.js';
 import type { GenericSchema } from 'valibot';
 import { nbdBackend, nbdBackendWith, nbdSettings, type NbdDeviceEvent } from '../nbd/nbd-backend.js';
-import { BACKEND_SETTINGS } from '../backends/index.js';
+import { BACKEND_SETTINGS, s3BackendWith, type S3DeviceEvent } from '../backends/index.js';
 import { FILTER_SETTINGS } from '../filters/index.js';
 import { pluginLayers } from './plugin-loader.js';
 
@@ -47,7 +47,18 @@ export function logNbdEvent(log: Logger, e: NbdDeviceEvent, remote: string): voi
   }
 }
 
-/** {@link serveRegistry} whose nbd devices log to `log`. */
+/** Logs an s3 device's failed uploads (recorded for every session's next FLUSH) and a lost lease. */
+export function logS3Event(log: Logger, e: S3DeviceEvent, where: string): void {
+  if (e.kind === 'upload-failed') log.error({ export: where, chunk: e.chunk, reason: e.error.message }, 's3 backend: upload failed; the error is recorded for every session\'s next FLUSH and the chunk kept for a retry');
+  else log.error({ export: where, reason: e.error.message }, 's3 backend: write lease lost; writes are refused');
+}
+
+/** {@link serveRegistry} whose nbd and s3 devices log to `log`. */
 export function serveRegistryLogging(log: Logger): StackRegistry {
-  return withPlugins(extendRegistry(defaultRegistry, { backends: { nbd: nbdBackendWith((e, remote) => logNbdEvent(log, e, remote)) } }), log);
+  return withPlugins(
+    extendRegistry(defaultRegistry, {
+      backends: { nbd: nbdBackendWith((e, remote) => logNbdEvent(log, e, remote)), s3: s3BackendWith((e, where) => logS3Event(log, e, where)) },
+    }),
+    log,
+  );
 }

@@ -16,6 +16,13 @@ export interface StackContext {
    * backends and filters without importing a registry (which would import it back).
    */
   readonly registry?: StackRegistry;
+  /**
+   * Nothing will write through this stack: it has a `readonly` filter, or its export is
+   * served read-only. `buildStack` sets it for the first case itself. A backend that
+   * needs something only a writer needs (the s3 backend's single-writer lease) can then
+   * open without it, so any number of such read-only stacks can share the storage.
+   */
+  readonly readOnly?: boolean;
 }
 
 /** A fresh context, for stacks built outside an export (tests, tools). */
@@ -91,7 +98,8 @@ export async function buildStack(
       new BlockError('EINVAL', `unknown backend '${desc.backend.type}' (known: ${[...registry.backends.keys()].join(', ')})`),
     );
   }
-  const layerCtx: StackContext = { ...ctx, registry };
+  const readOnly = ctx.readOnly === true || (desc.filters ?? []).some((f) => f.type === 'readonly');
+  const layerCtx: StackContext = { ...ctx, registry, ...(readOnly ? { readOnly } : {}) };
   let dev: BlockDevice;
   try {
     dev = await makeBackend(desc.backend, layerCtx);

@@ -19,16 +19,17 @@ import { mapCommand } from '../../src/cli/map.js';
 import { copyCommand } from '../../src/cli/copy.js';
 import { pluginsCommand } from '../../src/cli/plugins.js';
 import { rbdCommand } from '../../src/cli/rbd.js';
+import { s3Command } from '../../src/cli/s3.js';
 import { runOk } from '../helpers/run.js';
 
 const CLI_DIR = path.resolve(import.meta.dirname, '../../src/cli');
 const MAIN = path.join(CLI_DIR, 'main.ts');
-const SUBCOMMAND_MODULES = ['serve', 'ggated', 'ggatel', 'ggatec', 'status', 'info', 'map', 'copy', 'plugins'];
+const SUBCOMMAND_MODULES = ['serve', 'ggated', 'ggatel', 'ggatec', 'status', 'info', 'map', 'copy', 's3', 'plugins'];
 
 /** The program as it was before lazy loading: every real subcommand added up front. */
 function eagerProgram(): Command {
   const program = new Command().name('blockgate');
-  for (const make of [serveCommand, ggatedCommand, ggatelCommand, ggatecCommand, statusCommand, infoCommand, mapCommand, copyCommand, rbdCommand, pluginsCommand]) {
+  for (const make of [serveCommand, ggatedCommand, ggatelCommand, ggatecCommand, statusCommand, infoCommand, mapCommand, copyCommand, rbdCommand, s3Command, pluginsCommand]) {
     program.addCommand(make());
   }
   return program;
