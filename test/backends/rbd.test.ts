@@ -198,6 +198,24 @@ describe('rbd backend on a real cluster', () => {
     }
   });
 
+  test('readonly opens with a cephx user that may only read the pool (id and keyring settings), and reads what admin wrote', async () => {
+    const image = await freshImage('4M');
+    const admin = await open(image);
+    await admin.write(Buffer.alloc(4096, 0x77), 8192, 0);
+    await admin.close();
+    const keyring = path.join(ceph.dir, 'client.reader.keyring');
+    fs.writeFileSync(keyring, await ceph.cli('ceph', ['auth', 'get-or-create', 'client.reader', 'mon', 'profile rbd', 'osd', `profile rbd-read-only pool=${ceph.pool}`]));
+    const dev = await rbdBackend({ type: 'rbd', pool: ceph.pool, image, conf: ceph.conf, id: 'reader', keyring, readonly: true });
+    try {
+      const buf = Buffer.alloc(4096);
+      await dev.read(buf, 8192, 0);
+      assertSameBytes(buf, Buffer.alloc(4096, 0x77), 'read by client.reader');
+      await rejectsWith(dev.write(buf, 0, 0), 'EPERM');
+    } finally {
+      await dev.close();
+    }
+  });
+
   test('multi-conn is advertised with the rbd cache off (the default) and not with it on', async () => {
     const image = await freshImage('4M');
     const off = await open(image);

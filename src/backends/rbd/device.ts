@@ -280,9 +280,10 @@ export class RbdDevice implements BlockDevice {
     const lib = client.lib;
     const out: [Handle] = [null];
     try {
-      const rc = await new Promise<number>((resolve, reject) =>
-        lib.rbdOpenAsync(io, o.image, out, null, (e, r) => (e ? reject(e) : resolve(r))),
-      );
+      // Read-only: rbd_open_read_only, which never takes the exclusive lock and works with
+      // a cephx user that may only read the pool.
+      const openAsync = o.readonly ? lib.rbdOpenReadOnlyAsync : lib.rbdOpenAsync;
+      const rc = await new Promise<number>((resolve, reject) => openAsync(io, o.image, out, null, (e, r) => (e ? reject(e) : resolve(r))));
       if (rc < 0) {
         const e = rbdError(lib, rc, `rbd: cannot open image ${o.pool}/${o.image}`);
         throw rc === -linuxErrno('ENOENT') ? new BlockError('ENOENT', `${e.message}; create it with \`blockgate rbd create ${o.pool}/${o.image} SIZE\``) : e;

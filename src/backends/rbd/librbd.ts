@@ -54,6 +54,7 @@ export interface Librbd {
   radosIoctxDestroy(io: Handle): void;
   radosGetaddrs(cluster: Handle, out: [string | null]): number;
   rbdOpenAsync(io: Handle, name: string, out: [Handle], snap: string | null, cb: (err: unknown, rc: number) => void): void;
+  rbdOpenReadOnlyAsync(io: Handle, name: string, out: [Handle], snap: string | null, cb: (err: unknown, rc: number) => void): void;
   rbdCloseAsync(image: Handle, cb: (err: unknown, rc: number) => void): void;
   rbdCreateAsync(io: Handle, name: string, size: number, order: [number], cb: (err: unknown, rc: number) => void): void;
   rbdGetSize(image: Handle, out: [bigint | number]): number;
@@ -139,6 +140,7 @@ function bind(files: { readonly rados: string; readonly rbd: string }): Librbd {
   const radosConnect = f<Fn>(rados, 'rados_connect', 'int', ['void *']);
   const radosShutdown = f<Fn>(rados, 'rados_shutdown', 'void', ['void *']);
   const rbdOpen = f<Fn>(rbd, 'rbd_open', 'int', ['void *', 'str', outPtr, 'str']);
+  const rbdOpenReadOnly = f<Fn>(rbd, 'rbd_open_read_only', 'int', ['void *', 'str', outPtr, 'str']);
   const rbdClose = f<Fn>(rbd, 'rbd_close', 'int', ['void *']);
   const rbdCreate = f<Fn>(rbd, 'rbd_create', 'int', ['void *', 'str', 'uint64_t', koffi.inout(koffi.pointer('int'))]);
   const getSize = f<Fn>(rbd, 'rbd_get_size', 'int', ['void *', koffi.out(koffi.pointer('uint64_t'))]);
@@ -164,6 +166,7 @@ function bind(files: { readonly rados: string; readonly rbd: string }): Librbd {
     // The string librados allocates here is owned by the cluster handle (freed at shutdown).
     radosGetaddrs: f(rados, 'rados_getaddrs', 'int', ['void *', koffi.out(koffi.pointer('str'))]),
     rbdOpenAsync: (io, name, out, snap, cb) => rbdOpen.async(io, name, out, snap, cb),
+    rbdOpenReadOnlyAsync: (io, name, out, snap, cb) => rbdOpenReadOnly.async(io, name, out, snap, cb),
     rbdCloseAsync: (image, cb) => rbdClose.async(image, cb),
     rbdCreateAsync: (io, name, size, order, cb) => rbdCreate.async(io, name, size, order, cb),
     rbdGetSize: getSize,
