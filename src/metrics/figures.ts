@@ -58,8 +58,8 @@ export class RequestFigures implements RequestSink {
     this.inFlightBytes += cost;
   }
 
-  end(cmd: number, length: number, cost: number, errno: number, t0: number): void {
-    const seconds = (performance.now() - t0) / 1000;
+  end(cmd: number, length: number, cost: number, errno: number, t0: number, t1: number): void {
+    const seconds = Math.max(0, t1 - t0) / 1000;
     this.inFlightRequests--;
     this.inFlightBytes -= cost;
     const c = commandSlot(cmd);

@@ -55,15 +55,15 @@ test('slots: NBD commands by value, unknown ones as other; NBD errors by name, u
   assert.equal(RESULTS[resultSlot(1000)], 'other');
 });
 
-test('request figures: in-flight rises and falls, bytes count only successful reads and writes', () => {
+test('request figures: in-flight rises and falls, bytes count only successful reads and writes, latencies land in their buckets', () => {
   const f = new RequestFigures('disk', 'unix:/x');
   const t0 = performance.now();
   f.begin(4096);
   f.begin(0);
   assert.equal(f.inFlightRequests, 2);
   assert.equal(f.inFlightBytes, 4096);
-  f.end(1, 4096, 4096, 0, t0);
-  f.end(0, 512, 0, NBD_ERROR.NBD_EIO, t0);
+  f.end(1, 4096, 4096, 0, t0, t0 + 0.2);
+  f.end(0, 512, 0, NBD_ERROR.NBD_EIO, t0, t0 + 3);
   assert.equal(f.inFlightRequests, 0);
   assert.equal(f.inFlightBytes, 0);
   assert.equal(f.bytesWritten, 4096);
@@ -73,4 +73,8 @@ test('request figures: in-flight rises and falls, bytes count only successful re
   let writeLatencies = 0;
   for (let b = 0; b < BUCKETS; b++) writeLatencies += f.latency[1 * BUCKETS + b]!;
   assert.equal(writeLatencies, 1);
+  // 0.2 ms and 3 ms: in the 250 µs and 5 ms buckets, summed in seconds.
+  assert.equal(f.latency[1 * BUCKETS + bucketOf(0.00025)], 1);
+  assert.equal(f.latency[0 * BUCKETS + bucketOf(0.005)], 1);
+  assert.ok(Math.abs(f.latencySum[1]! - 0.0002) < 1e-9);
 });
