@@ -4,15 +4,16 @@
  * ENOSPC shows under its errno, and a background write-back failure is counted as
  * recorded once and then as reported to each of two sessions exactly once (the
  * scrapes are made from inside the nbdsh script, between its steps, so each one sees
- * exactly the state the script has reached). Plus /healthz, /readyz, /api/status and
- * the listener's refusals of what it does not serve.
+ * exactly the state the script has reached). A gate's handler and queue, and the bytes
+ * written through it. Plus /healthz, /readyz, /api/status and the listener's refusals of
+ * what it does not serve.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ChildSet, type Child } from '../helpers/children.js';
+import { ChildSet, blockgateOk, type Child } from '../helpers/children.js';
 import { nbdsh, runOk } from '../helpers/run.js';
 import { scrape, valueOf } from '../helpers/prometheus.js';
 
@@ -155,6 +156,28 @@ scrape('end')
   assert.ok(told.every((e) => e.errno === 5), 'EIO (5) each time');
 });
 
+test('a gate served by ggatel shows its waiting handler and queue, and its export counts the bytes written through it', async () => {
+  const disk = path.join(tmp, 'gate.img');
+  fs.writeFileSync(disk, Buffer.alloc(MiB));
+  const handler = children.blockgate(['ggatel', 'create', '--control', CTL, disk]);
+  const [name] = await handler.waitFor(/ggate\d+/);
+  try {
+    const data = path.join(tmp, 'gate-data.img');
+    fs.writeFileSync(data, Buffer.alloc(MiB, 0x7e));
+    await runOk('nbdcopy', ['--no-extents', data, uri(name)]);
+    const m = await scrape(`${base}/metrics`);
+    assert.equal(valueOf(m, 'blockgate_written_bytes_total', { export: name }), MiB);
+    // Idle again: the handler waits in START, nothing is queued or in flight, no session holds it open.
+    assert.ok(valueOf(m, 'blockgate_gate_handlers_waiting', { gate: name }) >= 1);
+    assert.equal(valueOf(m, 'blockgate_gate_queued', { gate: name }), 0);
+    assert.equal(valueOf(m, 'blockgate_gate_in_flight', { gate: name }), 0);
+    assert.equal(valueOf(m, 'blockgate_gate_opens', { gate: name }), 0);
+  } finally {
+    await blockgateOk(['ggatel', 'destroy', '-u', name.replace('ggate', ''), '--control', CTL]);
+    assert.equal(await handler.exited(), 0);
+  }
+});
+
 test('/healthz, /readyz and /api/status answer; other paths and methods are refused', async () => {
   const health = await fetch(`${base}/healthz`);
   assert.equal(health.status, 200);
@@ -166,7 +189,7 @@ test('/healthz, /readyz and /api/status answer; other paths and methods are refu
   assert.equal(api.status, 200);
   assert.match(api.headers.get('content-type') ?? '', /^application\/json/);
   const st = (await api.json()) as { exports: { name: string; live?: { ops: Record<string, { bytes: number }> } }[]; listeners: string[] };
-  assert.deepEqual(st.exports.map((e) => e.name), ['disk', 'bad', 'wb']);
+  assert.deepEqual(st.exports.map((e) => e.name), ['disk', 'bad', 'wb'], 'the gate export went with its gate');
   assert.deepEqual(st.listeners, [`unix:${NBD}`]);
   assert.equal(st.exports[0]!.live?.ops.write?.bytes, N);
   assert.equal((await fetch(`${base}/nope`)).status, 404);
