@@ -9,7 +9,7 @@ import type { Export } from '../export/export.js';
 import { WritebackFilter } from '../filters/writeback.js';
 import type { HandshakeResult, NbdMetricsSink, RefusedReason } from '../nbd/metrics.js';
 import { BUCKETS, quantile } from './histogram.js';
-import { COMMANDS, HANDSHAKE_RESULTS, ListenerFigures, REFUSED_REASONS, RESULTS, RequestFigures } from './figures.js';
+import { COMMANDS, HANDSHAKE_RESULTS, ListenerFigures, REFUSED_REASONS, RESULTS, RequestFigures, optionSlot } from './figures.js';
 
 /** Write-back error events the timeline keeps (the oldest go first): enough for hours of a flapping backend. */
 export const MAX_TIMELINE_EVENTS = 256;
@@ -79,6 +79,10 @@ export class ServerMetrics implements NbdMetricsSink {
 
   handshake(listener: string, result: HandshakeResult, tls: boolean): void {
     this.#listener(listener).handshakes[HANDSHAKE_RESULTS.indexOf(result) * 2 + (tls ? 1 : 0)]!++;
+  }
+
+  option(listener: string, option: number): void {
+    this.#listener(listener).options[optionSlot(option)]!++;
   }
 
   requests(exp: Export, listener: string): RequestFigures {

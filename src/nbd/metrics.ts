@@ -35,6 +35,8 @@ export interface NbdMetricsSink {
   connectionClosed(listener: string): void;
   connectionRefused(listener: string, reason: RefusedReason): void;
   handshake(listener: string, result: HandshakeResult, tls: boolean): void;
+  /** A handshake option was received (its NBD_OPT_* value, whatever it is). */
+  option(listener: string, option: number): void;
   /** The request hooks for sessions of `exp` accepted on `listener`. */
   requests(exp: Export, listener: string): RequestSink;
   /** A session was told of a write-back error (a FLUSH's reply, or its own durability failure). */

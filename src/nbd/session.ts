@@ -548,6 +548,7 @@ export class NbdSession implements ExportSession {
   #onOption(option: number, data: Buffer): void {
     this.#expect(S.OPTION_HEADER, NBD_SIZE.OPTION_HEADER);
     this.#log.debug({ option: optionName(option), length: data.length }, 'option');
+    this.#host.metrics?.option(this.#listener, option);
     this.#onStep(this.#handshake.option(option, data));
   }
 

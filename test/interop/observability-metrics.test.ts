@@ -81,6 +81,7 @@ test('nbdcopy of N bytes in and out moves the written and read byte counters by 
   assert.equal(after.types.get('blockgate_request_duration_seconds'), 'histogram');
   assert.equal(valueOf(after, 'blockgate_requests_in_flight', { export: 'disk' }), 0);
   assert.ok(d('blockgate_handshakes_total', { result: 'transmission', tls: 'no' }) >= 2, 'both nbdcopy runs got to transmission');
+  assert.ok(d('blockgate_handshake_options_total', { option: 'go' }) >= 2, 'each connection sent NBD_OPT_GO');
   assert.ok(valueOf(after, 'process_resident_memory_bytes') > 0, 'process metrics are there');
 });
 
@@ -99,6 +100,7 @@ except nbd.Error as e:
   assert.equal(out.stdout.trim(), 'write ENOSPC');
   const m = await scrape(`${base}/metrics`);
   assert.equal(valueOf(m, 'blockgate_requests_total', { export: 'bad', command: 'write', result: 'ENOSPC' }), 1);
+  assert.equal(m.types.get('blockgate_requests_total'), 'counter');
   assert.equal(valueOf(m, 'blockgate_requests_total', { export: 'bad', command: 'write', result: 'ok' }), 0);
   assert.equal(valueOf(m, 'blockgate_written_bytes_total', { export: 'bad' }), 0);
 });

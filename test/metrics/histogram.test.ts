@@ -1,7 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BUCKETS, LATENCY_BOUNDS_S, bucketOf, quantile } from '../../src/metrics/histogram.js';
-import { COMMANDS, RESULTS, RequestFigures, commandSlot, resultSlot } from '../../src/metrics/figures.js';
+import { COMMANDS, OPTIONS, RESULTS, RequestFigures, commandSlot, optionSlot, resultSlot } from '../../src/metrics/figures.js';
+import { NBD_OPT } from '../../src/nbd/constants.js';
 import { NBD_ERROR } from '../../src/errors/index.js';
 
 test('bucket bounds run from 10 µs to 10 s, increasing, with a +Inf bucket after them', () => {
@@ -41,7 +42,7 @@ test('a quantile reads the histogram at an offset, so one array holds one histog
   assert.equal(quantile(h, 0.5, BUCKETS), 0.005);
 });
 
-test('slots: NBD commands by value, unknown ones as other; NBD errors by name, unlisted values as other', () => {
+test('slots: NBD commands and options by value, unknown ones as other; NBD errors by name, unlisted values as other', () => {
   assert.equal(COMMANDS[commandSlot(0)], 'read');
   assert.equal(COMMANDS[commandSlot(6)], 'write_zeroes');
   assert.equal(COMMANDS[commandSlot(7)], 'block_status');
@@ -53,6 +54,9 @@ test('slots: NBD commands by value, unknown ones as other; NBD errors by name, u
   }
   assert.equal(RESULTS[resultSlot(3)], 'other');
   assert.equal(RESULTS[resultSlot(1000)], 'other');
+  for (const [name, value] of Object.entries(NBD_OPT)) assert.equal(OPTIONS[optionSlot(value)], name.replace(/^NBD_OPT_/, '').toLowerCase());
+  assert.equal(OPTIONS[optionSlot(0)], 'other');
+  assert.equal(OPTIONS[optionSlot(0x7fffffff)], 'other');
 });
 
 test('request figures: in-flight rises and falls, bytes count only successful reads and writes, latencies land in their buckets', () => {
