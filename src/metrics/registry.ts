@@ -98,7 +98,10 @@ function bucketHistogram(registry: Registry, metrics: ServerMetrics): void {
 export function createRegistry(metrics: ServerMetrics, sources: MetricSources): Registry {
   const r = new (prom().Registry)();
   prom().collectDefaultMetrics({ register: r });
-  const figures = () => metrics.requestFigures();
+  const figures = () => {
+    metrics.prune(sources.exports());
+    return metrics.requestFigures();
+  };
   copied('counter', r, 'blockgate_requests_total', 'NBD requests answered, by command and result (ok or the NBD error sent)', ['export', 'listener', 'command', 'result'], (emit) => {
     for (const f of figures()) {
       for (let c = 0; c < COMMANDS.length; c++) {

@@ -128,6 +128,17 @@ export class ServerMetrics implements NbdMetricsSink {
     return [...this.#listeners.values()];
   }
 
+  /**
+   * Forgets the figures of exports no longer served (a destroyed gate's), so that gates
+   * coming and going do not grow the figures without end. A session still attached to a
+   * removed export goes on counting into an object nobody reports.
+   */
+  prune(current: readonly Export[]): void {
+    if (this.#requests.size <= current.length && [...this.#requests.keys()].every((e) => current.includes(e))) return;
+    const keep = new Set(current);
+    for (const e of [...this.#requests.keys()]) if (!keep.has(e)) this.#requests.delete(e);
+  }
+
   /** Every (export, listener) pair's figures. */
   requestFigures(): RequestFigures[] {
     return [...this.#requests.values()].flatMap((m) => [...m.values()]);

@@ -3,6 +3,9 @@ import assert from 'node:assert/strict';
 import { BUCKETS, LATENCY_BOUNDS_S, bucketOf, quantile } from '../../src/metrics/histogram.js';
 import { COMMANDS, OPTIONS, RESULTS, RequestFigures, commandSlot, optionSlot, resultSlot } from '../../src/metrics/figures.js';
 import { NBD_OPT } from '../../src/nbd/constants.js';
+import { ServerMetrics } from '../../src/metrics/server-metrics.js';
+import { Export } from '../../src/export/export.js';
+import { MemoryDevice } from '../../src/backends/memory.js';
 import { NBD_ERROR } from '../../src/errors/index.js';
 
 test('bucket bounds run from 10 µs to 10 s, increasing, with a +Inf bucket after them', () => {
@@ -81,4 +84,16 @@ test('request figures: in-flight rises and falls, bytes count only successful re
   assert.equal(f.latency[1 * BUCKETS + bucketOf(0.00025)], 1);
   assert.equal(f.latency[0 * BUCKETS + bucketOf(0.005)], 1);
   assert.ok(Math.abs(f.latencySum[1]! - 0.0002) < 1e-9);
+});
+
+test('the figures of an export no longer served are forgotten (gates coming and going do not grow them)', () => {
+  const m = new ServerMetrics();
+  const a = new Export({ name: 'a', device: new MemoryDevice({ size: 4096 }) });
+  const b = new Export({ name: 'b', device: new MemoryDevice({ size: 4096 }) });
+  m.requests(a, 'l').begin(0);
+  m.requests(b, 'l').begin(0);
+  assert.deepEqual(m.requestFigures().map((f) => f.exportName), ['a', 'b']);
+  m.prune([a]);
+  assert.deepEqual(m.requestFigures().map((f) => f.exportName), ['a']);
+  assert.equal(m.requests(a, 'l').inFlightRequests, 1, 'what stays is kept as it was');
 });
