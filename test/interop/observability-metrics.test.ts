@@ -11,6 +11,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { ChildSet, blockgateOk, type Child } from '../helpers/children.js';
@@ -33,7 +34,8 @@ before(async () => {
   fs.writeFileSync(
     config,
     JSON.stringify({
-      listen: [{ path: NBD }],
+      // A second listener that admits nobody: its refusals are counted.
+      listen: [{ path: NBD }, { host: '127.0.0.1', port: 0, deny: ['127.0.0.0/8'] }],
       http: '127.0.0.1:0',
       exports: [
         // Exactly N bytes: nbdcopy reads the whole export back, so both directions move N.
@@ -83,6 +85,7 @@ test('nbdcopy of N bytes in and out moves the written and read byte counters by 
   assert.ok(d('blockgate_handshakes_total', { result: 'transmission', tls: 'no' }) >= 2, 'both nbdcopy runs got to transmission');
   assert.ok(d('blockgate_handshake_options_total', { option: 'go' }) >= 2, 'each connection sent NBD_OPT_GO');
   assert.ok(valueOf(after, 'process_resident_memory_bytes') > 0, 'process metrics are there');
+  assert.equal(after.types.get('nodejs_eventloop_lag_p99_seconds'), 'gauge', "the event loop's delay is there");
 });
 
 test('an injected ENOSPC is counted under its errno, and nothing under ok', async () => {
@@ -180,6 +183,26 @@ test('a gate served by ggatel shows its waiting handler and queue, and its expor
   }
 });
 
+test("a connection the listener's rules refuse is counted as refused, before any handshake", async () => {
+  const st = (await (await fetch(`${base}/api/status`)).json()) as { listeners: string[] };
+  const tcp = st.listeners.find((l) => l.startsWith('tcp:'))!;
+  const port = Number(tcp.split(':').at(-1));
+  const before = await scrape(`${base}/metrics`);
+  // Closed before the greeting: the client sees the connection end with no byte.
+  const got = await new Promise<number>((resolve, reject) => {
+    let n = 0;
+    const s = net.connect(port, '127.0.0.1');
+    s.on('data', (b) => (n += b.length));
+    s.on('close', () => resolve(n));
+    s.on('error', reject);
+  });
+  assert.equal(got, 0);
+  const after = await scrape(`${base}/metrics`);
+  const d = (name: string, labels: Record<string, string>): number => valueOf(after, name, labels) - valueOf(before, name, labels);
+  assert.equal(d('blockgate_connections_refused_total', { listener: tcp, reason: 'rules' }), 1);
+  assert.equal(d('blockgate_connections_total', { listener: tcp }), 0, 'never greeted');
+});
+
 test('/healthz, /readyz and /api/status answer; other paths and methods are refused', async () => {
   const health = await fetch(`${base}/healthz`);
   assert.equal(health.status, 200);
@@ -192,7 +215,9 @@ test('/healthz, /readyz and /api/status answer; other paths and methods are refu
   assert.match(api.headers.get('content-type') ?? '', /^application\/json/);
   const st = (await api.json()) as { exports: { name: string; live?: { ops: Record<string, { bytes: number }> } }[]; listeners: string[] };
   assert.deepEqual(st.exports.map((e) => e.name), ['disk', 'bad', 'wb'], 'the gate export went with its gate');
-  assert.deepEqual(st.listeners, [`unix:${NBD}`]);
+  assert.equal(st.listeners.length, 2);
+  assert.equal(st.listeners[0], `unix:${NBD}`);
+  assert.match(st.listeners[1]!, /^tcp:127\.0\.0\.1:\d+$/);
   assert.equal(st.exports[0]!.live?.ops.write?.bytes, N);
   assert.equal((await fetch(`${base}/nope`)).status, 404);
   const post = await fetch(`${base}/metrics`, { method: 'POST', body: 'x' });
