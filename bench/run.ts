@@ -834,7 +834,7 @@ function fmt(n: number, digits = 0): string {
  * They take turns in ABBA order (on, off, off, on, ...) so that drift in the machine's
  * speed falls on both alike; each figure is the median of the rounds.
  */
-const OVERHEAD_ROUNDS: Record<Mode['name'], number> = { full: 20, quick: 10, ci: 4 };
+const OVERHEAD_ROUNDS: Record<Mode['name'], number> = { full: 20, quick: 10, ci: 2 };
 /**
  * fio seconds per run of the row: short runs, many rounds. A 3 % difference drowns in
  * the load of a shared machine within any one run; over many adjacent on/off pairs the
@@ -894,7 +894,7 @@ async function overheadRow(mode: Mode, data: string, tmp: string, tlsSetup: TlsS
       const iops = samples.map((ss) => median(ss.map((s) => s.value)));
       const cpu = samples.map((ss) => median(ss.map((s) => (s.cpu / s.bytes) * 2 ** 30)));
       const ratios = samples[0]!.map((s, r) => s.value / samples[1]![r]!.value).sort((a, b) => a - b);
-      const q = (p: number): number => ratios[Math.min(ratios.length - 1, Math.floor(p * (ratios.length - 1)))]!;
+      const q = (p: number): number => ratios[Math.round(p * (ratios.length - 1))]!;
       const f: OverheadFigure = {
         workload: w,
         rounds,
