@@ -42,7 +42,7 @@ import {
 } from './config.js';
 import { collectFilter, effectiveConfig } from './filter-option.js';
 import { Observability, parseHttpOption } from './observability.js';
-import { parseHttpAddress, type HttpAddress } from '../http/address.js';
+import { formatHttpAddress, parseHttpAddress, type HttpAddress } from '../http/address.js';
 
 /** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
@@ -304,7 +304,8 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   }
   const cfg = configFromFlags(specs, flags, given.logLevel);
   if (flags.dumpConfig) {
-    process.stdout.write(`${JSON.stringify(effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), null, 2)}\n`);
+    const observed = { ...(flags.http ? { http: formatHttpAddress(flags.http) } : {}), ...(flags.metrics === false ? { metrics: false } : {}) };
+    process.stdout.write(`${JSON.stringify({ ...effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), ...observed }, null, 2)}\n`);
     return 0;
   }
   const activated = takeActivatedSockets();

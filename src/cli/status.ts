@@ -47,7 +47,8 @@ function rateLine(cur: LiveStats, prev: LiveStats): string {
   let ops = 0;
   for (const [op, f] of Object.entries(cur.ops)) ops += f.count - (prev.ops[op]?.count ?? 0);
   const bytes = (op: string): number => (cur.ops[op]?.bytes ?? 0) - (prev.ops[op]?.bytes ?? 0);
-  return `  rates over ${secs.toFixed(1)} s: ${Math.round(ops / secs)} IOPS, read ${formatSize(Math.round(bytes('read') / secs))}/s, write ${formatSize(Math.round(bytes('write') / secs))}/s`;
+  const mibs = (op: string): string => (bytes(op) / secs / 2 ** 20).toFixed(1);
+  return `  rates over ${secs.toFixed(1)} s: ${Math.round(ops / secs)} IOPS, read ${mibs('read')} MiB/s, write ${mibs('write')} MiB/s`;
 }
 
 /**

@@ -21,7 +21,12 @@ export function parseHttpAddress(text: string): HttpAddress {
   return { host: m[1] ?? m[2] ?? DEFAULT_HTTP_HOST, port };
 }
 
+/** `HOST:PORT` (`[V6]:PORT`), as --http and the config key take it. */
+export function formatHttpAddress(a: HttpAddress): string {
+  return `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
 /** The URL of an address, for the log. */
 export function httpUrl(a: HttpAddress): string {
-  return `http://${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}/`;
+  return `http://${formatHttpAddress(a)}/`;
 }

@@ -58,8 +58,8 @@ export class RequestFigures implements RequestSink {
     this.inFlightBytes += cost;
   }
 
-  end(cmd: number, length: number, cost: number, errno: number, t0: number): void {
-    const seconds = (performance.now() - t0) / 1000;
+  end(cmd: number, length: number, cost: number, errno: number, t0: number, t1: number): void {
+    const seconds = Math.max(0, t1 - t0) / 1000;
     this.inFlightRequests--;
     this.inFlightBytes -= cost;
     const c = commandSlot(cmd);
@@ -82,11 +82,30 @@ export class ListenerFigures {
   readonly refused = new Float64Array(3);
   /** Handshake outcomes by [result * 2 + tls]. */
   readonly handshakes = new Float64Array(4 * 2);
+  /** Options received, by {@link optionSlot}. */
+  readonly options = new Float64Array(OPTIONS.length);
 
   constructor(label: string) {
     this.label = label;
   }
 }
+
+/** Option slots: the NBD_OPT_* values 1..11 by name (index = value - 1), then `other`. */
+export const OPTIONS = [
+  'export_name',
+  'abort',
+  'list',
+  'peek_export',
+  'starttls',
+  'info',
+  'go',
+  'structured_reply',
+  'list_meta_context',
+  'set_meta_context',
+  'extended_headers',
+  'other',
+] as const;
+export const optionSlot = (opt: number): number => (opt >= 1 && opt < OPTIONS.length ? opt - 1 : OPTIONS.length - 1);
 
 export const REFUSED_REASONS = ['rules', 'limit', 'shutdown'] as const;
 export const HANDSHAKE_RESULTS = ['transmission', 'abort', 'timeout', 'failed'] as const;

@@ -11,7 +11,7 @@ import type * as PromClientModule from 'prom-client';
 import type { Export } from '../export/export.js';
 import type { GateInfo } from '../gate/gate-registry.js';
 import { BUCKETS, LATENCY_BOUNDS_S } from './histogram.js';
-import { COMMANDS, HANDSHAKE_RESULTS, REFUSED_REASONS, RESULTS } from './figures.js';
+import { COMMANDS, HANDSHAKE_RESULTS, OPTIONS, REFUSED_REASONS, RESULTS } from './figures.js';
 import { writebackLayers, type ServerMetrics } from './server-metrics.js';
 
 type PromClient = typeof PromClientModule;
@@ -98,7 +98,10 @@ function bucketHistogram(registry: Registry, metrics: ServerMetrics): void {
 export function createRegistry(metrics: ServerMetrics, sources: MetricSources): Registry {
   const r = new (prom().Registry)();
   prom().collectDefaultMetrics({ register: r });
-  const figures = () => metrics.requestFigures();
+  const figures = () => {
+    metrics.prune(sources.exports());
+    return metrics.requestFigures();
+  };
   copied('counter', r, 'blockgate_requests_total', 'NBD requests answered, by command and result (ok or the NBD error sent)', ['export', 'listener', 'command', 'result'], (emit) => {
     for (const f of figures()) {
       for (let c = 0; c < COMMANDS.length; c++) {
@@ -142,6 +145,9 @@ export function createRegistry(metrics: ServerMetrics, sources: MetricSources): 
         }
       });
     }
+  });
+  copied('counter', r, 'blockgate_handshake_options_total', 'NBD handshake options received, by option', ['listener', 'option'], (emit) => {
+    for (const l of metrics.listeners()) OPTIONS.forEach((option, i) => l.options[i]! > 0 && emit({ listener: l.label, option }, l.options[i]!));
   });
 
   const exports = () => {

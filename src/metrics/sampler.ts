@@ -86,6 +86,7 @@ export class Sampler {
     this.#lastAt = now;
     const exports = this.#exports();
     this.#metrics.noteRecorded(exports);
+    this.#metrics.prune(exports);
     const samples: ExportSample[] = [];
     for (const e of exports) {
       const cur = this.#metrics.totals(e);

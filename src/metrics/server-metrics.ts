@@ -9,7 +9,7 @@ import type { Export } from '../export/export.js';
 import { WritebackFilter } from '../filters/writeback.js';
 import type { HandshakeResult, NbdMetricsSink, RefusedReason } from '../nbd/metrics.js';
 import { BUCKETS, quantile } from './histogram.js';
-import { COMMANDS, HANDSHAKE_RESULTS, ListenerFigures, REFUSED_REASONS, RESULTS, RequestFigures } from './figures.js';
+import { COMMANDS, HANDSHAKE_RESULTS, ListenerFigures, REFUSED_REASONS, RESULTS, RequestFigures, optionSlot } from './figures.js';
 
 /** Write-back error events the timeline keeps (the oldest go first): enough for hours of a flapping backend. */
 export const MAX_TIMELINE_EVENTS = 256;
@@ -81,6 +81,10 @@ export class ServerMetrics implements NbdMetricsSink {
     this.#listener(listener).handshakes[HANDSHAKE_RESULTS.indexOf(result) * 2 + (tls ? 1 : 0)]!++;
   }
 
+  option(listener: string, option: number): void {
+    this.#listener(listener).options[optionSlot(option)]!++;
+  }
+
   requests(exp: Export, listener: string): RequestFigures {
     let byListener = this.#requests.get(exp);
     if (byListener === undefined) this.#requests.set(exp, (byListener = new Map()));
@@ -122,6 +126,17 @@ export class ServerMetrics implements NbdMetricsSink {
   /** Every listener's figures. */
   listeners(): readonly ListenerFigures[] {
     return [...this.#listeners.values()];
+  }
+
+  /**
+   * Forgets the figures of exports no longer served (a destroyed gate's), so that gates
+   * coming and going do not grow the figures without end. A session still attached to a
+   * removed export goes on counting into an object nobody reports.
+   */
+  prune(current: readonly Export[]): void {
+    if (this.#requests.size <= current.length && [...this.#requests.keys()].every((e) => current.includes(e))) return;
+    const keep = new Set(current);
+    for (const e of [...this.#requests.keys()]) if (!keep.has(e)) this.#requests.delete(e);
   }
 
   /** Every (export, listener) pair's figures. */

@@ -23,9 +23,10 @@ export interface RequestSink {
   /**
    * The request ended. `cmd` is the NBD command, `length` the request's length, `errno`
    * the NBD wire error value of the reply (0 = success), `t0` the `performance.now()`
-   * at which its bytes arrived (the session reads the clock once per received chunk).
+   * at which its bytes arrived (the session reads the clock once per received chunk),
+   * `t1` when it ended (once per batch of replies).
    */
-  end(cmd: number, length: number, cost: number, errno: number, t0: number): void;
+  end(cmd: number, length: number, cost: number, errno: number, t0: number, t1: number): void;
 }
 
 /** A server's observer. `listener` is the label {@link NbdMetricsSink.listenerLabel} made. */
@@ -34,6 +35,8 @@ export interface NbdMetricsSink {
   connectionClosed(listener: string): void;
   connectionRefused(listener: string, reason: RefusedReason): void;
   handshake(listener: string, result: HandshakeResult, tls: boolean): void;
+  /** A handshake option was received (its NBD_OPT_* value, whatever it is). */
+  option(listener: string, option: number): void;
   /** The request hooks for sessions of `exp` accepted on `listener`. */
   requests(exp: Export, listener: string): RequestSink;
   /** A session was told of a write-back error (a FLUSH's reply, or its own durability failure). */

@@ -41,8 +41,10 @@ export function parseExposition(text: string): Exposition {
     assert.ok(m, `not an exposition line: ${line}`);
     const labels: Record<string, string> = {};
     for (const l of (m[2] ?? '').matchAll(LABEL)) labels[l[1]!] = l[2]!.replace(/\\(.)/g, (_, c: string) => (c === 'n' ? '\n' : c));
-    const value = m[3] === '+Inf' ? Infinity : m[3] === '-Inf' ? -Infinity : Number(m[3]);
-    assert.ok(!Number.isNaN(value) || m[3] === 'NaN', `bad value in: ${line}`);
+    // Go's ParseFloat, which Prometheus uses, takes NaN and Inf in any case (prom-client writes `Nan`).
+    const raw = m[3]!;
+    const value = /^\+?inf$/i.test(raw) ? Infinity : /^-inf$/i.test(raw) ? -Infinity : /^nan$/i.test(raw) ? NaN : Number(raw);
+    assert.ok(!Number.isNaN(value) || /^nan$/i.test(raw), `bad value in: ${line}`);
     const family = m[1]!.replace(/_(bucket|sum|count)$/, '');
     assert.ok(types.has(m[1]!) || types.has(family), `sample before its TYPE line: ${line}`);
     assert.ok(helps.has(m[1]!) || helps.has(family), `sample without a HELP line: ${line}`);

@@ -4,15 +4,17 @@
  * ENOSPC shows under its errno, and a background write-back failure is counted as
  * recorded once and then as reported to each of two sessions exactly once (the
  * scrapes are made from inside the nbdsh script, between its steps, so each one sees
- * exactly the state the script has reached). Plus /healthz, /readyz, /api/status and
- * the listener's refusals of what it does not serve.
+ * exactly the state the script has reached). A gate's handler and queue, and the bytes
+ * written through it. Plus /healthz, /readyz, /api/status and the listener's refusals of
+ * what it does not serve.
  */
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { ChildSet, type Child } from '../helpers/children.js';
+import { ChildSet, blockgateOk, type Child } from '../helpers/children.js';
 import { nbdsh, runOk } from '../helpers/run.js';
 import { scrape, valueOf } from '../helpers/prometheus.js';
 
@@ -32,7 +34,8 @@ before(async () => {
   fs.writeFileSync(
     config,
     JSON.stringify({
-      listen: [{ path: NBD }],
+      // A second listener that admits nobody: its refusals are counted.
+      listen: [{ path: NBD }, { host: '127.0.0.1', port: 0, deny: ['127.0.0.0/8'] }],
       http: '127.0.0.1:0',
       exports: [
         // Exactly N bytes: nbdcopy reads the whole export back, so both directions move N.
@@ -80,7 +83,9 @@ test('nbdcopy of N bytes in and out moves the written and read byte counters by 
   assert.equal(after.types.get('blockgate_request_duration_seconds'), 'histogram');
   assert.equal(valueOf(after, 'blockgate_requests_in_flight', { export: 'disk' }), 0);
   assert.ok(d('blockgate_handshakes_total', { result: 'transmission', tls: 'no' }) >= 2, 'both nbdcopy runs got to transmission');
+  assert.ok(d('blockgate_handshake_options_total', { option: 'go' }) >= 2, 'each connection sent NBD_OPT_GO');
   assert.ok(valueOf(after, 'process_resident_memory_bytes') > 0, 'process metrics are there');
+  assert.equal(after.types.get('nodejs_eventloop_lag_p99_seconds'), 'gauge', "the event loop's delay is there");
 });
 
 test('an injected ENOSPC is counted under its errno, and nothing under ok', async () => {
@@ -98,6 +103,7 @@ except nbd.Error as e:
   assert.equal(out.stdout.trim(), 'write ENOSPC');
   const m = await scrape(`${base}/metrics`);
   assert.equal(valueOf(m, 'blockgate_requests_total', { export: 'bad', command: 'write', result: 'ENOSPC' }), 1);
+  assert.equal(m.types.get('blockgate_requests_total'), 'counter');
   assert.equal(valueOf(m, 'blockgate_requests_total', { export: 'bad', command: 'write', result: 'ok' }), 0);
   assert.equal(valueOf(m, 'blockgate_written_bytes_total', { export: 'bad' }), 0);
 });
@@ -155,6 +161,48 @@ scrape('end')
   assert.ok(told.every((e) => e.errno === 5), 'EIO (5) each time');
 });
 
+test('a gate served by ggatel shows its waiting handler and queue, and its export counts the bytes written through it', async () => {
+  const disk = path.join(tmp, 'gate.img');
+  fs.writeFileSync(disk, Buffer.alloc(MiB));
+  const handler = children.blockgate(['ggatel', 'create', '--control', CTL, disk]);
+  const [name] = await handler.waitFor(/ggate\d+/);
+  try {
+    const data = path.join(tmp, 'gate-data.img');
+    fs.writeFileSync(data, Buffer.alloc(MiB, 0x7e));
+    await runOk('nbdcopy', ['--no-extents', data, uri(name)]);
+    const m = await scrape(`${base}/metrics`);
+    assert.equal(valueOf(m, 'blockgate_written_bytes_total', { export: name }), MiB);
+    // Idle again: the handler waits in START, nothing is queued or in flight, no session holds it open.
+    assert.ok(valueOf(m, 'blockgate_gate_handlers_waiting', { gate: name }) >= 1);
+    assert.equal(valueOf(m, 'blockgate_gate_queued', { gate: name }), 0);
+    assert.equal(valueOf(m, 'blockgate_gate_in_flight', { gate: name }), 0);
+    assert.equal(valueOf(m, 'blockgate_gate_opens', { gate: name }), 0);
+  } finally {
+    await blockgateOk(['ggatel', 'destroy', '-u', name.replace('ggate', ''), '--control', CTL]);
+    assert.equal(await handler.exited(), 0);
+  }
+});
+
+test("a connection the listener's rules refuse is counted as refused, before any handshake", async () => {
+  const st = (await (await fetch(`${base}/api/status`)).json()) as { listeners: string[] };
+  const tcp = st.listeners.find((l) => l.startsWith('tcp:'))!;
+  const port = Number(tcp.split(':').at(-1));
+  const before = await scrape(`${base}/metrics`);
+  // Closed before the greeting: the client sees the connection end with no byte.
+  const got = await new Promise<number>((resolve, reject) => {
+    let n = 0;
+    const s = net.connect(port, '127.0.0.1');
+    s.on('data', (b) => (n += b.length));
+    s.on('close', () => resolve(n));
+    s.on('error', reject);
+  });
+  assert.equal(got, 0);
+  const after = await scrape(`${base}/metrics`);
+  const d = (name: string, labels: Record<string, string>): number => valueOf(after, name, labels) - valueOf(before, name, labels);
+  assert.equal(d('blockgate_connections_refused_total', { listener: tcp, reason: 'rules' }), 1);
+  assert.equal(d('blockgate_connections_total', { listener: tcp }), 0, 'never greeted');
+});
+
 test('/healthz, /readyz and /api/status answer; other paths and methods are refused', async () => {
   const health = await fetch(`${base}/healthz`);
   assert.equal(health.status, 200);
@@ -166,8 +214,10 @@ test('/healthz, /readyz and /api/status answer; other paths and methods are refu
   assert.equal(api.status, 200);
   assert.match(api.headers.get('content-type') ?? '', /^application\/json/);
   const st = (await api.json()) as { exports: { name: string; live?: { ops: Record<string, { bytes: number }> } }[]; listeners: string[] };
-  assert.deepEqual(st.exports.map((e) => e.name), ['disk', 'bad', 'wb']);
-  assert.deepEqual(st.listeners, [`unix:${NBD}`]);
+  assert.deepEqual(st.exports.map((e) => e.name), ['disk', 'bad', 'wb'], 'the gate export went with its gate');
+  assert.equal(st.listeners.length, 2);
+  assert.equal(st.listeners[0], `unix:${NBD}`);
+  assert.match(st.listeners[1]!, /^tcp:127\.0\.0\.1:\d+$/);
   assert.equal(st.exports[0]!.live?.ops.write?.bytes, N);
   assert.equal((await fetch(`${base}/nope`)).status, 404);
   const post = await fetch(`${base}/metrics`, { method: 'POST', body: 'x' });

@@ -1,7 +1,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { BUCKETS, LATENCY_BOUNDS_S, bucketOf, quantile } from '../../src/metrics/histogram.js';
-import { COMMANDS, RESULTS, RequestFigures, commandSlot, resultSlot } from '../../src/metrics/figures.js';
+import { COMMANDS, OPTIONS, RESULTS, RequestFigures, commandSlot, optionSlot, resultSlot } from '../../src/metrics/figures.js';
+import { NBD_OPT } from '../../src/nbd/constants.js';
+import { ServerMetrics } from '../../src/metrics/server-metrics.js';
+import { Export } from '../../src/export/export.js';
+import { MemoryDevice } from '../../src/backends/memory.js';
 import { NBD_ERROR } from '../../src/errors/index.js';
 
 test('bucket bounds run from 10 µs to 10 s, increasing, with a +Inf bucket after them', () => {
@@ -41,7 +45,7 @@ test('a quantile reads the histogram at an offset, so one array holds one histog
   assert.equal(quantile(h, 0.5, BUCKETS), 0.005);
 });
 
-test('slots: NBD commands by value, unknown ones as other; NBD errors by name, unlisted values as other', () => {
+test('slots: NBD commands and options by value, unknown ones as other; NBD errors by name, unlisted values as other', () => {
   assert.equal(COMMANDS[commandSlot(0)], 'read');
   assert.equal(COMMANDS[commandSlot(6)], 'write_zeroes');
   assert.equal(COMMANDS[commandSlot(7)], 'block_status');
@@ -53,17 +57,20 @@ test('slots: NBD commands by value, unknown ones as other; NBD errors by name, u
   }
   assert.equal(RESULTS[resultSlot(3)], 'other');
   assert.equal(RESULTS[resultSlot(1000)], 'other');
+  for (const [name, value] of Object.entries(NBD_OPT)) assert.equal(OPTIONS[optionSlot(value)], name.replace(/^NBD_OPT_/, '').toLowerCase());
+  assert.equal(OPTIONS[optionSlot(0)], 'other');
+  assert.equal(OPTIONS[optionSlot(0x7fffffff)], 'other');
 });
 
-test('request figures: in-flight rises and falls, bytes count only successful reads and writes', () => {
+test('request figures: in-flight rises and falls, bytes count only successful reads and writes, latencies land in their buckets', () => {
   const f = new RequestFigures('disk', 'unix:/x');
   const t0 = performance.now();
   f.begin(4096);
   f.begin(0);
   assert.equal(f.inFlightRequests, 2);
   assert.equal(f.inFlightBytes, 4096);
-  f.end(1, 4096, 4096, 0, t0);
-  f.end(0, 512, 0, NBD_ERROR.NBD_EIO, t0);
+  f.end(1, 4096, 4096, 0, t0, t0 + 0.2);
+  f.end(0, 512, 0, NBD_ERROR.NBD_EIO, t0, t0 + 3);
   assert.equal(f.inFlightRequests, 0);
   assert.equal(f.inFlightBytes, 0);
   assert.equal(f.bytesWritten, 4096);
@@ -73,4 +80,20 @@ test('request figures: in-flight rises and falls, bytes count only successful re
   let writeLatencies = 0;
   for (let b = 0; b < BUCKETS; b++) writeLatencies += f.latency[1 * BUCKETS + b]!;
   assert.equal(writeLatencies, 1);
+  // 0.2 ms and 3 ms: in the 250 µs and 5 ms buckets, summed in seconds.
+  assert.equal(f.latency[1 * BUCKETS + bucketOf(0.00025)], 1);
+  assert.equal(f.latency[0 * BUCKETS + bucketOf(0.005)], 1);
+  assert.ok(Math.abs(f.latencySum[1]! - 0.0002) < 1e-9);
+});
+
+test('the figures of an export no longer served are forgotten (gates coming and going do not grow them)', () => {
+  const m = new ServerMetrics();
+  const a = new Export({ name: 'a', device: new MemoryDevice({ size: 4096 }) });
+  const b = new Export({ name: 'b', device: new MemoryDevice({ size: 4096 }) });
+  m.requests(a, 'l').begin(0);
+  m.requests(b, 'l').begin(0);
+  assert.deepEqual(m.requestFigures().map((f) => f.exportName), ['a', 'b']);
+  m.prune([a]);
+  assert.deepEqual(m.requestFigures().map((f) => f.exportName), ['a']);
+  assert.equal(m.requests(a, 'l').inFlightRequests, 1, 'what stays is kept as it was');
 });
