@@ -9,7 +9,9 @@
  *   npm run bench -- --json FILE  # also write the results as JSON (default bench/results/latest.json)
  *   npm run bench -- --copy-only  # only the copy rows (blockgate copy vs nbdcopy); --no-copy: none of them
  *   npm run bench -- --startup-only  # only the start-up row (serve --run true vs node -e 0 and nbdkit; every mode has it)
- *   npm run bench -- --ceph       # also the Ceph rows on a throw-away cluster: s3 export vs raw S3 (bench/s3.ts)
+ *   npm run bench -- --overhead-only # only the metrics-overhead row (serve --http vs --no-metrics, 4 KiB QD32; every mode has it)
+ *   npm run bench -- --ceph [--quick]  # only the Ceph rows, each pair on one throw-away cluster: the rbd backend vs
+ *                                      # qemu-nbd (bench/ceph.ts), the s3 backend vs raw S3 (bench/s3.ts); docs/CEPH.md, docs/S3.md
  *   npm run bench -- --s3-only    # only the s3 rows (with --quick: 256 MiB, 1 run)
  *
  * Each server is started alone on 127.0.0.1 (TCP loopback), filled with the same random
@@ -32,12 +34,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
 import { NbdClient } from '../src/nbd/client.js';
-import { renderS3Table, runS3Bench, type S3BenchOptions, type S3BenchResult } from './s3.js';
+import { freePort, median, processCpuSeconds, stopServer, waitForPort } from './util.js';
+import { renderS3Table, runS3Bench, type S3BenchOptions } from './s3.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -212,44 +214,12 @@ async function must(cmd: string, args: string[], timeoutMs?: number): Promise<st
   return r.stdout;
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-    s.on('error', reject);
-  });
-}
-
-async function waitForPort(port: number, child: ChildProcess, timeoutMs = 30_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null) throw new Error(`server exited with ${child.exitCode}`);
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.on('error', () => resolve(false));
-    });
-    if (ok) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`port ${port} did not open`);
-}
-
 /** Clock ticks per second of /proc's times (`getconf CLK_TCK`; set in main). */
 let clkTck = 100;
 
-/** CPU seconds (user + system: utime and stime of /proc/PID/stat) of a process and all its threads. */
+/** CPU seconds of a process and all its threads. */
 function cpuSeconds(pid: number): number {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  // Fields after "pid (comm) ": state is [0], utime [11], stime [12] (proc(5) fields 14 and 15).
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-  const ticks = Number(fields[11]) + Number(fields[12]);
-  return ticks / clkTck;
+  return processCpuSeconds(pid, clkTck);
 }
 
 /** A process's command name (/proc/PID/comm). */
@@ -291,7 +261,7 @@ interface Running {
   readonly canWrite: boolean;
 }
 
-async function startServer(kind: ServerKind, size: number, file: string, tlsSetup: TlsSetup): Promise<Running> {
+async function startServer(kind: ServerKind, size: number, file: string, tlsSetup: TlsSetup, extra: readonly string[] = []): Promise<Running> {
   const port = await freePort();
   const psk = tlsSetup.pskFile;
   // The PSK path is the bench's own (mkdtemp under /dev/shm): nothing in it needs escaping.
@@ -310,13 +280,14 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
       // As the `blockgate` command starts (its shebang carries V8_FLAGS).
       args = [
         ...V8_FLAGS,
-        path.join(ROOT, 'dist/src/cli/main.js'),
+        path.join(ROOT, 'dist/bundle/cli/main.js'),
         'serve',
         '-p',
         String(port),
         '-l',
         'warn',
         ...(kind === 'blockgate-memory-tls' ? ['--tls', 'require', '--tls-psk', psk] : []),
+        ...extra,
         ...(kind === 'blockgate-file' ? [`file:${file}`] : kind === 'blockgate-plugin' ? [path.join(ROOT, 'bench/plugin-memory.mjs'), `size=${size}`] : [`memory:${size}`]),
       ];
       // BENCH_SERVER_NODE_OPTIONS: extra node flags for blockgate only (e.g. --cpu-prof --cpu-prof-dir=DIR).
@@ -368,21 +339,6 @@ async function startServer(kind: ServerKind, size: number, file: string, tlsSetu
     throw e;
   }
   return { kind, child, pid, uri, canWrite: true };
-}
-
-async function stopServer(r: { readonly child: ChildProcess }): Promise<void> {
-  if (r.child.exitCode !== null || r.child.signalCode !== null) return;
-  const done = new Promise<void>((resolve) => r.child.on('exit', () => resolve()));
-  r.child.kill('SIGTERM');
-  const t = setTimeout(() => r.child.kill('SIGKILL'), 10_000);
-  await done;
-  clearTimeout(t);
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
 
 async function nbdcopy(src: string, dst: string, conns: number): Promise<void> {
@@ -562,7 +518,7 @@ async function runCopyTool(tool: CopyTool, src: string, dst: string, conns: numb
   } else {
     cmd = process.execPath;
     // As the `blockgate` command starts (its shebang carries V8_FLAGS).
-    args = [...V8_FLAGS, path.join(ROOT, 'dist/src/cli/main.js'), 'copy', '-v', ...common, src, dst];
+    args = [...V8_FLAGS, path.join(ROOT, 'dist/bundle/cli/main.js'), 'copy', '-v', ...common, src, dst];
     // BENCH_CLIENT_NODE_OPTIONS: extra node flags for `blockgate copy` (e.g. --cpu-prof --cpu-prof-dir=DIR).
     if (process.env.BENCH_CLIENT_NODE_OPTIONS) args.unshift(...process.env.BENCH_CLIENT_NODE_OPTIONS.split(' ').filter(Boolean));
   }
@@ -760,10 +716,12 @@ interface StartupFigure {
 }
 
 function startupCommands(): { readonly name: string; readonly argv: readonly string[] }[] {
-  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  const main = path.join(ROOT, 'dist/bundle/cli/main.js');
   return [
     { name: 'node -e 0', argv: [process.execPath, '-e', '0'] },
     { name: 'blockgate serve --run true memory:1G', argv: [process.execPath, ...V8_FLAGS, main, 'serve', '--run', 'true', 'memory:1G'] },
+    // The same command from tsc's one-file-per-module output: what the bundle saves.
+    { name: 'the same, unbundled (dist/src)', argv: [process.execPath, ...V8_FLAGS, path.join(ROOT, 'dist/src/cli/main.js'), 'serve', '--run', 'true', 'memory:1G'] },
     { name: 'blockgate --help', argv: [process.execPath, ...V8_FLAGS, main, '--help'] },
     { name: 'nbdkit memory 1G --run true', argv: ['nbdkit', 'memory', '1G', '--run', 'true'] },
   ];
@@ -804,15 +762,39 @@ async function startupRow(runs: number): Promise<StartupFigure[]> {
   }));
 }
 
-export function renderStartupTable(figs: readonly StartupFigure[], runs: number): string {
-  const lines = [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 |`, '|---|---|---|'];
-  for (const f of figs) lines.push(`| \`${f.name}\` | ${fmt(f.medianMs)} (${fmt(f.minMs)}–${fmt(f.maxMs)}) | ${fmt(f.vsNode, 2)} |`);
+/**
+ * Instructions each start-up command executes (callgrind's `I refs`, the process itself,
+ * not the children it runs): unlike wall time, the same count whatever else the shared
+ * machine is doing, so a change in start-up cost shows even under load. Null when
+ * valgrind is missing. Each run takes 5-20 s under valgrind, so only the full and
+ * --startup-only modes count them.
+ */
+async function startupInstructions(): Promise<number[] | null> {
+  if ((await sh('which', ['valgrind'])).code !== 0) return null;
+  const counts: number[] = [];
+  for (const c of startupCommands()) {
+    const r = await sh('valgrind', ['--tool=callgrind', '--callgrind-out-file=/dev/null', ...c.argv], { timeoutMs: 120_000 });
+    const m = /I\s+refs:\s+([\d,]+)/.exec(r.stderr);
+    if (r.code !== 0 || !m) throw new Error(`valgrind ${c.argv.join(' ')}: ${r.stderr.slice(-400)}`);
+    counts.push(Number(m[1]!.replaceAll(',', '')));
+  }
+  return counts;
+}
+
+export function renderStartupTable(figs: readonly StartupFigure[], runs: number, instructions: readonly number[] | null = null): string {
+  const lines = instructions
+    ? [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 | instructions (callgrind) | x node -e 0 |`, '|---|---|---|---|---|']
+    : [`| start-up (${runs} rounds) | median ms (min–max) | x node -e 0 |`, '|---|---|---|'];
+  figs.forEach((f, i) => {
+    const ins = instructions ? ` ${fmt(instructions[i]! / 1e6)} M | ${fmt(instructions[i]! / instructions[0]!, 2)} |` : '';
+    lines.push(`| \`${f.name}\` | ${fmt(f.medianMs)} (${fmt(f.minMs)}–${fmt(f.maxMs)}) | ${fmt(f.vsNode, 2)} |${ins}`);
+  });
   return `${lines.join('\n')}\n`;
 }
 
 /** True when dist/ is missing or older than a source file (the bench runs blockgate from dist/). */
 function distStale(): boolean {
-  const main = path.join(ROOT, 'dist/src/cli/main.js');
+  const main = path.join(ROOT, 'dist/bundle/cli/main.js');
   if (!fs.existsSync(main)) return true;
   const built = fs.statSync(main).mtimeMs;
   const newer = (dir: string): boolean =>
@@ -827,8 +809,104 @@ function fmt(n: number, digits = 0): string {
   return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }
 
+/**
+ * The metrics-overhead row: the cost of counting (docs/OBSERVABILITY.md), as fio 4 KiB
+ * random reads and writes at QD32 against two blockgate memory servers started side by
+ * side in the same run, one with everything on (`--http 127.0.0.1:0`: the counters, the
+ * one-second sampler, prom-client loaded; nobody scrapes) and one with `--no-metrics`.
+ * They take turns in ABBA order (on, off, off, on, ...) so that drift in the machine's
+ * speed falls on both alike; each figure is the median of the rounds.
+ */
+const OVERHEAD_ROUNDS: Record<Mode['name'], number> = { full: 6, quick: 4, ci: 2 };
+/** The exports of the overhead row: small, since two servers hold one each. */
+const OVERHEAD_SIZE = 256 * 2 ** 20;
+const OVERHEAD_WORKLOADS: readonly Workload[] = ['rand-read-qd32', 'rand-write-qd32'];
+const OVERHEAD_SIDES = [
+  { name: 'on', args: ['--no-control', '--http', '127.0.0.1:0'] },
+  { name: 'off', args: ['--no-control', '--no-metrics'] },
+] as const;
+
+interface OverheadFigure {
+  readonly workload: Workload;
+  readonly rounds: number;
+  /** Median IOPS with metrics on and off. */
+  readonly onIops: number;
+  readonly offIops: number;
+  /**
+   * The median over rounds of on / off within the round (the two runs of a round are
+   * adjacent in time, so a load that comes and goes on a shared machine cancels out
+   * better than in the ratio of the two medians).
+   */
+  readonly ratio: number;
+  /** Server CPU seconds per GiB moved, on and off (medians). */
+  readonly onCpuPerGiB: number;
+  readonly offCpuPerGiB: number;
+}
+
+async function overheadRow(mode: Mode, data: string, tmp: string, tlsSetup: TlsSetup, live: Running[]): Promise<OverheadFigure[]> {
+  const m: Mode = { ...mode, size: OVERHEAD_SIZE };
+  const fill = path.join(tmp, 'overhead.img');
+  await must('sh', ['-c', `head -c ${OVERHEAD_SIZE} '${data}' > '${fill}'`]);
+  const servers: Running[] = [];
+  try {
+    for (const side of OVERHEAD_SIDES) {
+      const srv = await startServer('blockgate-memory', OVERHEAD_SIZE, fill, tlsSetup, side.args);
+      servers.push(srv);
+      live.push(srv);
+      // Filled and read once, untimed, as the other rows: both measured warm.
+      await nbdcopy(fill, srv.uri, 4);
+      await nbdcopy(srv.uri, 'null:', 1);
+    }
+    const rounds = OVERHEAD_ROUNDS[mode.name];
+    const out: OverheadFigure[] = [];
+    for (const w of OVERHEAD_WORKLOADS) {
+      const samples: Sample[][] = [[], []];
+      for (let r = 0; r < rounds; r++) {
+        const order = r % 2 === 0 ? [0, 1] : [1, 0];
+        for (const i of order) samples[i]!.push(await measure(servers[i]!, w, m, fill, tmp, tlsSetup));
+      }
+      const iops = samples.map((ss) => median(ss.map((s) => s.value)));
+      const cpu = samples.map((ss) => median(ss.map((s) => (s.cpu / s.bytes) * 2 ** 30)));
+      const ratio = median(samples[0]!.map((s, r) => s.value / samples[1]![r]!.value));
+      const f: OverheadFigure = { workload: w, rounds, onIops: iops[0]!, offIops: iops[1]!, ratio, onCpuPerGiB: cpu[0]!, offCpuPerGiB: cpu[1]! };
+      process.stderr.write(`  metrics overhead ${w.padEnd(15)} on ${fmt(f.onIops)} off ${fmt(f.offIops)} IOPS, on/off ${fmt(f.ratio, 3)}\n`);
+      out.push(f);
+    }
+    return out;
+  } finally {
+    for (const s of servers) {
+      await stopServer(s);
+      live.splice(live.indexOf(s), 1);
+    }
+    fs.rmSync(fill, { force: true });
+  }
+}
+
+export function renderOverheadTable(figs: readonly OverheadFigure[]): string {
+  const lines = [
+    `| metrics overhead (4 KiB, ${figs[0]?.rounds ?? 0} rounds ABBA) | metrics on IOPS | --no-metrics IOPS | on/off (median of rounds) | CPU s/GiB on | CPU s/GiB off |`,
+    '|---|---|---|---|---|---|',
+  ];
+  for (const f of figs) lines.push(`| ${f.workload} | ${fmt(f.onIops)} | ${fmt(f.offIops)} | ${fmt(f.ratio, 3)} | ${fmt(f.onCpuPerGiB, 2)} | ${fmt(f.offCpuPerGiB, 2)} |`);
+  return `${lines.join('\n')}\n`;
+}
+
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
+  if (argv.includes('--ceph')) {
+    // The Ceph rows need a cluster and qemu-block-extra: their own modules (bench/ceph.ts, bench/s3.ts).
+    const ji = argv.indexOf('--json');
+    const { cephBench } = await import('./ceph.js');
+    await cephBench(argv, ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/ceph-latest.json'));
+    const quick = argv.includes('--quick') || argv.includes('--ci');
+    const s3Options: S3BenchOptions = quick ? { size: 256 * 2 ** 20, seconds: 8, runs: 1 } : { size: 512 * 2 ** 20, seconds: 15, runs: 3 };
+    const s3 = await runS3Bench(s3Options);
+    process.stdout.write(`\n${renderS3Table(s3, s3Options)}`);
+    const s3Json = path.join(ROOT, 'bench/results/s3-latest.json');
+    fs.mkdirSync(path.dirname(s3Json), { recursive: true });
+    fs.writeFileSync(s3Json, JSON.stringify({ date: new Date().toISOString(), s3: { options: s3Options, results: s3 } }, null, 2));
+    return;
+  }
   const base = MODES[argv.includes('--ci') ? 'ci' : argv.includes('--quick') ? 'quick' : 'full'];
   const si = argv.indexOf('--servers');
   let mode: Mode = base;
@@ -839,6 +917,9 @@ async function main(): Promise<void> {
     mode = { ...base, servers: ALL_SERVERS.filter((k) => wanted.includes(k)) };
   }
   const startupOnly = argv.includes('--startup-only');
+  const overheadOnly = argv.includes('--overhead-only');
+  // Only the row's own data: OVERHEAD_SIZE, not the mode's exports.
+  if (overheadOnly) mode = { ...mode, servers: [], copyCases: [], size: OVERHEAD_SIZE };
   const copyOnly = argv.includes('--copy-only');
   const withCopy = !argv.includes('--no-copy');
   if (copyOnly && !withCopy) throw new Error('--copy-only and --no-copy exclude each other');
@@ -857,7 +938,6 @@ async function main(): Promise<void> {
     fs.writeFileSync(jsonOut, JSON.stringify({ mode: mode.name, date: new Date().toISOString(), s3: { options: s3Options, results: s3 } }, null, 2));
     return;
   }
-  const withCeph = argv.includes('--ceph');
   for (const tool of ['nbdkit', 'qemu-nbd', 'nbdcopy', 'fio']) {
     if ((await sh('which', [tool])).code !== 0) throw new Error(`${tool} is not installed (apt-get install nbdkit qemu-utils libnbd-bin fio)`);
   }
@@ -867,10 +947,11 @@ async function main(): Promise<void> {
   }
   clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
   const startupRuns = STARTUP_RUNS[mode.name];
-  process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
-  const startup = await startupRow(startupRuns);
+  if (!overheadOnly) process.stderr.write(`bench: start-up row, ${startupRuns} rounds\n`);
+  const startup = overheadOnly ? [] : await startupRow(startupRuns);
+  const startupIns = startupOnly || (mode.name === 'full' && !overheadOnly) ? await startupInstructions() : null;
   if (startupOnly) {
-    process.stdout.write(renderStartupTable(startup, startupRuns));
+    process.stdout.write(renderStartupTable(startup, startupRuns, startupIns));
     return;
   }
 
@@ -883,9 +964,11 @@ async function main(): Promise<void> {
   let current: Running | null = null;
   let fioShim: string | null = null;
   let copyFigures: CopyFigure[] = [];
-  let s3Figures: S3BenchResult[] = [];
+  let overhead: OverheadFigure[] = [];
+  const overheadLive: Running[] = [];
   const cleanup = () => {
     current?.child.kill('SIGKILL');
+    for (const s of overheadLive) s.child.kill('SIGKILL');
     for (const c of copyLive) c.kill('SIGKILL');
     fs.rmSync(tmp, { recursive: true, force: true });
   };
@@ -943,14 +1026,14 @@ async function main(): Promise<void> {
     }
     fs.rmSync(fileExport, { force: true });
     if (mode.copyCases.length > 0) copyFigures = await copyRows(mode, data, tmp);
-    if (withCeph) s3Figures = await runS3Bench(s3Options);
+    overhead = await overheadRow(mode, data, tmp, tlsSetup, overheadLive);
   } finally {
     cleanup();
   }
   if (results.length > 0) process.stdout.write(renderTable(results, mode));
   if (copyFigures.length > 0) process.stdout.write(`${results.length > 0 ? '\n' : ''}${renderCopyTable(copyFigures, mode)}`);
-  if (s3Figures.length > 0) process.stdout.write(`\n${renderS3Table(s3Figures, s3Options)}`);
-  process.stdout.write(`\n${renderStartupTable(startup, startupRuns)}`);
+  process.stdout.write(`${results.length + copyFigures.length > 0 ? '\n' : ''}${renderOverheadTable(overhead)}`);
+  if (startup.length > 0) process.stdout.write(`\n${renderStartupTable(startup, startupRuns, startupIns)}`);
   fs.mkdirSync(path.dirname(jsonOut), { recursive: true });
   fs.writeFileSync(
     jsonOut,
@@ -966,8 +1049,8 @@ async function main(): Promise<void> {
         tls: { psk: 'identity bench, 32-byte key', fioShim: fioShim !== null ? 'LD_PRELOAD nbd_set_uri_allow_local_file' : null },
         results,
         copy: copyFigures,
-        ...(s3Figures.length > 0 ? { s3: { options: s3Options, results: s3Figures } } : {}),
-        startup: { runs: startupRuns, figures: startup },
+        startup: { runs: startupRuns, figures: startup, instructions: startupIns },
+        overhead,
       },
       null,
       2,

@@ -36,6 +36,7 @@ import { mapCommand } from '../src/cli/map.js';
 import { copyCommand } from '../src/cli/copy.js';
 import { s3Command } from '../src/cli/s3.js';
 import { pluginsCommand, builtinLayers, type LayerInfo } from '../src/cli/plugins.js';
+import { rbdCommand } from '../src/cli/rbd.js';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 /** The hand-written pages. */
@@ -54,7 +55,7 @@ export interface ManPage {
 
 /** Every subcommand of `blockgate`, as the real commands (no stand-ins: the pages describe them in full). */
 function subcommands(): Command[] {
-  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), s3Command(), pluginsCommand()];
+  return [serveCommand(), ggatedCommand(), ggatelCommand(), ggatecCommand(), statusCommand(), infoCommand(), mapCommand(), copyCommand(), rbdCommand(), s3Command(), pluginsCommand()];
 }
 
 /** The man page of each subcommand that has one (the others are described in blockgate(1)). */

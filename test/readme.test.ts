@@ -9,10 +9,10 @@
 import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { PY_ERRNO_OF, nbdshOut } from './helpers/nbdsh-script.js';
+import { freePort } from './helpers/ports.js';
 
 const root = new URL('..', import.meta.url);
 
@@ -30,16 +30,6 @@ function replaceOnce(code: string, from: string, to: string): string {
   return code.replace(from, to);
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 const STACK = JSON.stringify({
   backend: { type: 'memory', size: '1G' },

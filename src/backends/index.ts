@@ -5,6 +5,7 @@ import { fileBackend, fileSettings } from './file.js';
 import { memoryBackend, memorySettings } from './memory.js';
 import { nullBackend, nullSettings } from './null.js';
 import { patternBackend, patternSettings } from './pattern.js';
+import { rbdBackend, rbdSettings } from './rbd/index.js';
 import { s3Backend, s3Settings } from './s3/index.js';
 
 
@@ -12,6 +13,7 @@ export * from './memory.js';
 export * from './file.js';
 export * from './null.js';
 export * from './pattern.js';
+export * from './rbd/index.js';
 export * from './s3/index.js';
 
 /** Backend factories by the `type` a layer description names. */
@@ -20,6 +22,7 @@ export const BACKENDS: ReadonlyMap<string, BackendFactory> = new Map<string, Bac
   ['file', fileBackend],
   ['null', nullBackend],
   ['pattern', patternBackend],
+  ['rbd', rbdBackend],
   ['s3', s3Backend],
 ]);
 
@@ -29,5 +32,6 @@ export const BACKEND_SETTINGS: ReadonlyMap<string, GenericSchema> = new Map<stri
   ['file', fileSettings],
   ['null', nullSettings],
   ['pattern', patternSettings],
+  ['rbd', rbdSettings],
   ['s3', s3Settings],
 ]);

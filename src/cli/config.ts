@@ -28,6 +28,8 @@ import { parseS3Url } from '../backends/s3/settings.js';
 import { AddressRules } from '../io/address-rules.js';
 import { ExportPolicy } from '../nbd/access.js';
 import { TLS_MODES } from '../nbd/tls.js';
+import { parseHttpAddress } from '../http/address.js';
+import { parseRbdSpec } from '../backends/rbd/index.js';
 
 /** Default TCP port (IANA's NBD port). */
 export const DEFAULT_PORT = 10809;
@@ -110,11 +112,25 @@ export const ConfigSchema = keys('a configuration object', {
   listen: v.optional(v.array(ListenSchema, (i) => `expected a list of listeners, got ${i.received}`)),
   defaultExport: v.optional(str('an export name string')),
   logLevel: v.optional(v.picklist(LEVELS, `expected one of ${LEVELS.join(', ')}`)),
+  /** `[HOST:]PORT` of the HTTP listener (metrics, status page), as --http. */
+  http: v.optional(v.pipe(str('a [HOST:]PORT string'), v.check((x) => httpAddressError(x) === null, (i) => httpAddressError(String(i.input)) ?? 'bad address'))),
+  /** false: count nothing, as --no-metrics. */
+  metrics: v.optional(bool()),
   exports: v.pipe(
     v.array(ExportSchema, (i) => `expected a list of exports, got ${i.received}`),
     v.minLength(1, 'at least one export is needed'),
   ),
 });
+
+/** Why `text` is not an --http address, or null. */
+function httpAddressError(text: string): string | null {
+  try {
+    parseHttpAddress(text);
+    return null;
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
 
 /** Parses a TCP port from the command line (commander's argument parser: one clear line on error). */
 export function parsePort(value: string): number {
@@ -149,7 +165,7 @@ export function parseConfig(raw: unknown, source = 'config'): ServeConfig {
 }
 
 /** The backend types of the short `TYPE:ARG` export form. */
-const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'nbd:URI', 'plugin:PATH', 's3://BUCKET/PREFIX'] as const;
+const SHORT_FORMS = ['memory:SIZE', 'null:SIZE', 'pattern:SIZE', 'file:PATH', 'rbd:POOL/IMAGE', 'nbd:URI', 'plugin:PATH', 's3://BUCKET/PREFIX'] as const;
 
 /**
  * Whether an export or `--filter` argument names a plugin module: a path starting with
@@ -161,7 +177,7 @@ export function isPluginPath(spec: string): boolean {
 
 /** An argument that starts an export of its own (so it is never taken for a plugin's `key=value`). */
 function isExportForm(value: string): boolean {
-  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|nbd|plugin):/i.test(value) || /^s3:\/\//i.test(value) || isPluginPath(value);
+  return NBD_URI.test(value) || /^(?:memory|null|pattern|file|rbd|nbd|plugin):/i.test(value) || /^s3:\/\//i.test(value) || isPluginPath(value);
 }
 
 /**
@@ -198,6 +214,8 @@ const NBD_URI = /^nbds?(?:\+unix)?:\/\//i;
  * Parses one short export form of the command line:
  * - `PATH` (an existing file or block device): a file export;
  * - `TYPE:ARG` with TYPE memory|null|pattern (ARG = size) or file (ARG = path);
+ * - `rbd:POOL/IMAGE`: an RBD image with librados's default conf and user (a config file
+ *   can set `conf`, `id`, `keyring`); `-r` opens it read-only;
  * - `nbd:URI`, or an NBD URI on its own (`nbd://host:port/name`, `nbds://...`,
  *   `nbd+unix:///name?socket=PATH`, `nbds+unix://...`): re-export another server's
  *   export through the `nbd` backend, with its default settings (retries etc.; a config
@@ -239,6 +257,15 @@ export function parseExportSpec(spec: string, readOnly = false): ExportConfig {
     const file = /^plugin:/i.test(rest) ? rest.slice(7) : rest;
     if (file === '') throw new BlockError('EINVAL', `export '${spec}': plugin: needs the path of a plugin module, e.g. plugin:./mydisk.js`);
     return { name, backend: { type: 'plugin', path: path.resolve(file) }, readOnly };
+  }
+  if (/^rbd:/i.test(rest)) {
+    let target: { pool: string; image: string };
+    try {
+      target = parseRbdSpec(rest.slice(4));
+    } catch (e) {
+      throw new BlockError('EINVAL', `export '${spec}': ${(e as Error).message}`);
+    }
+    return { name, backend: { type: 'rbd', ...target, ...(readOnly ? { readonly: true } : {}) }, readOnly };
   }
   const m = /^(memory|null|pattern|file):(.*)$/.exec(rest);
   const typed = /^([A-Za-z][A-Za-z0-9-]*):/.exec(rest);

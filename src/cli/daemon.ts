@@ -43,6 +43,8 @@ export function createLogger(opts: LoggerOptions): Logger {
       append: true,
       colorize: !toFile && process.stderr.isTTY === true,
       translateTime: 'SYS:HH:MM:ss.l',
+      // One line per event, as a terminal reader (and grep) expects.
+      singleLine: true,
       ignore: PRETTY_IGNORE,
     });
   } else {

@@ -111,8 +111,9 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
     noDelay: flags.nagle !== true,
     limits: { maxRequestLength },
   });
+  let bound: { host: string; port: number };
   try {
-    await server.listen({ host, port });
+    bound = await server.listen({ host, port });
   } catch (e) {
     await server.close(0);
     throw e;
@@ -120,7 +121,7 @@ async function ggated(exportsFile: string, flags: GgatedFlags): Promise<number> 
   // After listening (FreeBSD's ggated writes it before): whoever waits for the pid file
   // may connect at once.
   const removePidFile = flags.pidfile ? writePidFile(flags.pidfile) : undefined;
-  notifyReady(log, { address: `${host}:${port}` });
+  notifyReady(log, { host: bound.host, port: bound.port });
 
   const onHup = (): void => {
     server.reload().then(

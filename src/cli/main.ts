@@ -63,7 +63,7 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
   },
   {
     name: 'status',
-    summary: 'show exports (write-back error state, sessions with an error pending) and gates of a running server',
+    summary: 'show exports (write-back error state, live counts, sessions with an error pending) and gates of a running server',
     args: '',
     options: true,
     load: async () => (await import('./status.js')).statusCommand(),
@@ -88,6 +88,13 @@ export const SUBCOMMANDS: readonly Subcommand[] = [
     args: '<source> <destination>',
     options: true,
     load: async () => (await import('./copy.js')).copyCommand(),
+  },
+  {
+    name: 'rbd',
+    summary: 'create RBD images for the rbd backend (docs/CEPH.md)',
+    args: '',
+    options: false,
+    load: async () => (await import('./rbd.js')).rbdCommand(),
   },
   {
     name: 's3',

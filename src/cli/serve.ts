@@ -28,7 +28,6 @@ import { NbdServer, type ListenAddress, type ListenTarget, type ListenerOptions 
 import { loadTls, TLS_MODES, type TlsMode } from '../nbd/tls.js';
 import type { ExportPolicySpec } from '../nbd/access.js';
 import { Export } from '../export/index.js';
-import { startControlServer } from '../gate/control/server.js';
 import { BlockError } from '../errors/index.js';
 import { StackLayerError, newStackContext, type LayerDescription, type StackRegistry } from '../device/index.js';
 import {
@@ -42,6 +41,8 @@ import {
   type ServeConfig,
 } from './config.js';
 import { collectFilter, effectiveConfig } from './filter-option.js';
+import { Observability, parseHttpOption } from './observability.js';
+import { parseHttpAddress, type HttpAddress } from '../http/address.js';
 
 /** The signals that stop `serve` gracefully: SIGHUP too, which would otherwise kill it (exit 129). */
 const SERVE_STOP_SIGNALS: readonly NodeJS.Signals[] = [...SHUTDOWN_SIGNALS, 'SIGHUP'];
@@ -93,6 +94,10 @@ interface ServeFlags {
   foreground?: boolean;
   logFormat?: LogFormat;
   logFile?: string;
+  /** `--http [HOST:]PORT` (docs/OBSERVABILITY.md). */
+  http?: HttpAddress;
+  /** false with --no-metrics. */
+  metrics?: boolean;
 }
 
 /** Which of the listen flags the user typed (commander's option sources), not their defaults. */
@@ -135,7 +140,13 @@ export function nbdUri(addr: ListenAddress, exportName: string, tls: UriTls = { 
  * `config` set, the listen and export flags must be absent (the command refuses them,
  * CONFIG_CONFLICTS).
  */
-export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig {
+/**
+ * The configuration the flags (or the --config file they name) describe. `levelGiven`
+ * false: -l was left at its default, so the configuration carries a level only if the
+ * file sets one (a --run command then logs only warnings).
+ */
+export function configFromFlags(specs: string[], flags: ServeFlags, levelGiven = true): ServeConfig {
+  const flagLevel = levelGiven ? { logLevel: flags.logLevel } : {};
   if (flags.config) {
     if (specs.length > 0) throw new BlockError('EINVAL', 'give exports either on the command line or in --config, not both');
     let raw: unknown;
@@ -145,7 +156,7 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
       throw new BlockError('EINVAL', `${flags.config}: ${(e as Error).message}`, { cause: e });
     }
     const cfg = resolvePluginPaths(parseConfig(raw, flags.config), path.dirname(path.resolve(flags.config)));
-    return { ...cfg, logLevel: cfg.logLevel ?? (flags.logLevel as ServeConfig['logLevel']) };
+    return cfg.logLevel !== undefined || !levelGiven ? cfg : { ...cfg, logLevel: flags.logLevel as ServeConfig['logLevel'] };
   }
   const filters = flags.filter ?? [];
   const exports = parseExportSpecs(specs.length > 0 ? specs : [DEFAULT_EXPORT_SPEC], flags.readOnly).map((e) =>
@@ -165,7 +176,7 @@ export function configFromFlags(specs: string[], flags: ServeFlags): ServeConfig
   if (flags.unix) listen.push({ path: flags.unix, ...security });
   else for (const host of flags.address ?? [DEFAULT_HOST]) listen.push({ host, port, ...security });
   return parseConfig(
-    { exports, listen, logLevel: flags.logLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
+    { exports, listen, ...flagLevel, ...(flags.defaultExport !== undefined ? { defaultExport: flags.defaultExport } : {}) },
     'command line',
   );
 }
@@ -291,7 +302,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   if (flags.run && flags.unix && (flags.address || given.port)) {
     throw new BlockError('EINVAL', '--run serves on --unix or on TCP (--address/--port), not both');
   }
-  const cfg = configFromFlags(specs, flags);
+  const cfg = configFromFlags(specs, flags, given.logLevel);
   if (flags.dumpConfig) {
     process.stdout.write(`${JSON.stringify(effectiveConfig(cfg, [{ host: DEFAULT_HOST, port: DEFAULT_PORT }]), null, 2)}\n`);
     return 0;
@@ -299,7 +310,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   const activated = takeActivatedSockets();
   checkActivation(activated, flags, given, cfg);
   // A captive command's output is the user's: only problems are logged, unless asked.
-  const level = flags.verbose ? 'debug' : flags.run && !given.logLevel && !cfg.logLevel ? 'warn' : (cfg.logLevel ?? flags.logLevel);
+  const level = flags.verbose ? 'debug' : (cfg.logLevel ?? (flags.run ? 'warn' : flags.logLevel));
   const log = createLogger({ level, format: flags.logFormat, file: flags.logFile });
   const exports = await buildExports(cfg, flags.config ?? 'command line', serveRegistryLogging(log));
   exports.forEach((e, i) => {
@@ -310,18 +321,26 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   for (const e of cfg.exports) {
     if (e.tls || e.allow || e.deny || e.pskIdentities || e.subjects) access[e.name] = e;
   }
-  const server = new NbdServer({ exports, logger: log, access, ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
+  const obs = new Observability({
+    metrics: flags.metrics !== false && cfg.metrics !== false,
+    http: flags.http ?? (cfg.http !== undefined ? parseHttpAddress(cfg.http) : undefined),
+    logger: log,
+  });
+  const server = new NbdServer({ exports, logger: log, access, ...(obs.sink ? { metrics: obs.sink } : {}), ...(cfg.defaultExport !== undefined ? { defaultExport: cfg.defaultExport } : {}) });
   const defaultName = cfg.defaultExport ?? exports[0]!.name;
 
   // Before listening, so that a bad --control leaves nothing running.
   const ctl =
     flags.control === false || (flags.run !== undefined && flags.control === undefined)
       ? undefined
-      : await startControlServer({
+      : // Loaded only when a control socket is opened: the gate kernel and the control
+        // protocol are a tenth of serve's modules, of no use to a captive --run.
+        await (await import('../gate/control/server.js')).startControlServer({
           nbd: server,
           ...(typeof flags.control === 'string' ? { path: flags.control } : {}),
           required: typeof flags.control === 'string',
           logger: log,
+          ...(obs.live ? { live: obs.live } : {}),
         });
 
   let tmpDir: string | null = null;
@@ -352,6 +371,13 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
     bound.push({ addr, tls: uriTls });
     log.info({ uri: nbdUri(addr, defaultName, uriTls), tls: uriTls.mode, exports: exports.map((e) => e.name), ...('fd' in target ? { fd: target.fd, fdName: name } : {}) }, 'listening');
   }
+  await obs.start({ server, control: ctl }).catch(async (e: unknown) => {
+    // A busy --http port: nothing may keep running.
+    await server.close();
+    await ctl?.close();
+    await Promise.all(exports.map((x) => x.device.close().catch(() => undefined)));
+    throw e;
+  });
   const missing = missingV8Flags();
   if (missing.length > 0) {
     log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
@@ -363,6 +389,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
   if (!flags.run) notifyReady(log, { uris: bound.map((b) => nbdUri(b.addr, defaultName, b.tls)) });
 
   const stop = async (): Promise<void> => {
+    await obs.close();
     await server.close();
     await ctl?.close();
     await Promise.all(exports.map((e) => e.device.close().catch((err: unknown) => log.error({ err }, 'close failed'))));
@@ -401,7 +428,7 @@ export function serveCommand(): Command {
     .description('serve block devices over NBD (default: a 1 GiB memory disk on 127.0.0.1:10809)')
     .argument(
       '[export...]',
-      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI, plugin:PATH), s3://BUCKET/PREFIX[?endpoint=URL&size=SIZE] (docs/S3.md), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
+      'exports: PATH (a file), TYPE:ARG (memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, rbd:POOL/IMAGE, nbd:URI, plugin:PATH), s3://BUCKET/PREFIX[?endpoint=URL&size=SIZE] (docs/S3.md), an NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH) to re-export, a plugin module ./mydisk.js [key=value ...] (docs/PLUGINS.md), NAME=... to name one',
     )
     .addOption(
       // The file says where to listen and what to serve; rather than guess which of the
@@ -442,6 +469,8 @@ export function serveCommand(): Command {
     .addOption(new Option('-l, --log-level <level>', 'log level').choices(LOG_LEVELS).default('info'))
     .addOption(new Option('--log-format <format>', 'log lines: pretty (readable), json, or auto (pretty on a terminal, else json)').choices(LOG_FORMATS).default('auto'))
     .option('--log-file <file>', 'append the log to FILE instead of stderr')
+    .option('--http <[host:]port>', 'HTTP listener for /metrics (Prometheus), /healthz, /readyz, /api/status and the live status page at / (host default: 127.0.0.1; docs/OBSERVABILITY.md)', parseHttpOption)
+    .option('--no-metrics', 'count nothing (no live figures in blockgate status, no --http); for the last per cent of speed')
     .action(async (specs: string[], flags: ServeFlags, cmd: Command) => {
       try {
         const given: GivenFlags = { port: cmd.getOptionValueSource('port') === 'cli', logLevel: cmd.getOptionValueSource('logLevel') === 'cli' };

@@ -120,6 +120,13 @@ export interface BlockDevice {
    * Filters do not forward it (as for writev); only a bare backend offers it.
    */
   readViews?(offset: number, length: number): Buffer[];
+  /**
+   * Optional: false when an extents() query costs a network round trip per object (rbd),
+   * so a frontend should not ask for one alongside every large READ to send holes as hole
+   * chunks (NBD's sparse READ replies); BLOCK_STATUS still asks. Absent means true. Filters
+   * do not forward it (as for writev); only a bare backend says it.
+   */
+  readonly extentsOnRead?: boolean;
   /** Makes every write completed before this call durable. */
   flush(flags: number): Promise<void>;
   /** Discards a range (a hint: contents become unspecified). */

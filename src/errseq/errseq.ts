@@ -141,6 +141,13 @@ function sameForCursor(cur: number, since: number): boolean {
  */
 export class ErrSeq {
   #word: number;
+  /**
+   * Observers' figures, outside the word (which stays mainline's bit for bit): how many
+   * set() calls changed it (new errors a watcher can be told of), and how many
+   * checkAndAdvance() calls reported an error. Reading them consumes nothing.
+   */
+  #recorded = 0;
+  #reported = 0;
 
   /**
    * @param initial a word in the mainline layout, e.g. one persisted from {@link value};
@@ -176,6 +183,7 @@ export class ErrSeq {
     // Only bump the counter if someone has looked at the old value; otherwise nobody
     // could tell the two errors apart, and overwriting in place loses nothing they need.
     if (old & ERRSEQ.SEEN) next = (next + ERRSEQ.CTR_INC) >>> 0;
+    if (next !== old) this.#recorded++;
     this.#word = next;
     return old;
   }
@@ -229,6 +237,7 @@ export class ErrSeq {
     if (sameForCursor(cur, cursor)) return { error: 0, cursor };
     const next = (cur | ERRSEQ.SEEN) >>> 0;
     this.#word = next;
+    this.#reported++;
     return { error: next & ERRSEQ.MAX_ERRNO, cursor: next };
   }
 
@@ -243,6 +252,16 @@ export class ErrSeq {
   /** The positive errno in the error bits, 0 if no error was ever recorded. Never consumes. */
   peekError(): number {
     return this.#word & ERRSEQ.MAX_ERRNO;
+  }
+
+  /** How many set() calls changed the word: errors recorded that a watcher could be told of (metrics). */
+  get recorded(): number {
+    return this.#recorded;
+  }
+
+  /** How many checkAndAdvance() calls reported an error to their watcher (metrics). */
+  get reported(): number {
+    return this.#reported;
   }
 
   /** The raw 32-bit word (same as {@link peek}); the only serialisable form. */

@@ -56,6 +56,21 @@ export interface SessionStatus {
   readonly security: string | null;
   /** True if this session's next FLUSH would report a write-back error. */
   readonly errorPending: boolean;
+  /** What it negotiated and moved, for a session that counts them (NBD). */
+  readonly figures?: SessionFigures;
+}
+
+/** What a session in transmission negotiated and moved (status, the status page). */
+export interface SessionFigures {
+  /** The reply mode: simple, structured or extended. */
+  readonly replies: string;
+  /** The transmission flags' names, as the log shows them. */
+  readonly flags: string;
+  readonly requests: number;
+  /** Bytes of successful READs and WRITEs. */
+  readonly bytesRead: number;
+  readonly bytesWritten: number;
+  readonly inFlight: number;
 }
 
 /** A session as the export sees it: its cursor can be peeked at, never advanced from outside. */
@@ -65,6 +80,8 @@ export interface ExportSession {
   readonly cursor: number;
   /** See {@link SessionStatus.security}; absent for a protocol without encryption. */
   readonly security?: string | null;
+  /** See {@link SessionStatus.figures}; absent for a session that does not count. */
+  figures?(): SessionFigures | null;
 }
 
 /**
@@ -111,12 +128,16 @@ export class Export {
 
   /** Per-session error state, by masked comparison: looking never changes what a client will see. */
   sessions(): SessionStatus[] {
-    return [...this.#sessions].map((s) => ({
-      id: s.id,
-      peer: s.peer,
-      security: s.security ?? null,
-      errorPending: this.errseq.check(s.cursor) !== 0,
-    }));
+    return [...this.#sessions].map((s) => {
+      const figures = s.figures?.() ?? null;
+      return {
+        id: s.id,
+        peer: s.peer,
+        security: s.security ?? null,
+        errorPending: this.errseq.check(s.cursor) !== 0,
+        ...(figures !== null ? { figures } : {}),
+      };
+    });
   }
 }
 

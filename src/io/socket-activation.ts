@@ -5,6 +5,7 @@
  * process they are meant for, so that a grandchild that inherits the environment does
  * not take them too) and optionally LISTEN_FDNAMES (colon-separated names).
  */
+import fs from 'node:fs';
 import { BlockError } from '../errors/index.js';
 
 /** The first passed descriptor (SD_LISTEN_FDS_START). */
@@ -40,4 +41,29 @@ export function takeActivatedSockets(env: NodeJS.ProcessEnv = process.env, pid: 
     throw new BlockError('EINVAL', `LISTEN_FDS=${listenFds}: expected 1 to ${MAX_LISTEN_FDS} descriptors`);
   }
   return Array.from({ length: n }, (_, i) => ({ fd: LISTEN_FDS_START + i, name: names[i] || 'unknown' }));
+}
+
+/** Where Linux lists unix sockets with their inodes and bound paths. */
+const PROC_NET_UNIX = '/proc/net/unix';
+
+/**
+ * The path a unix socket descriptor is bound to, for logs and URIs: Node cannot tell
+ * it for an inherited descriptor (server.address() is null for a pipe taken with
+ * `{ fd }`), so it is looked up by the socket's inode in /proc/net/unix. Abstract
+ * names come back with a leading '@'. Null where that cannot be read (not Linux, no
+ * /proc) or the socket is unnamed.
+ */
+export function unixSocketPath(fd: number): string | null {
+  try {
+    const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/self/fd/${fd}`));
+    if (!m) return null;
+    for (const line of fs.readFileSync(PROC_NET_UNIX, 'latin1').split('\n')) {
+      const cols = line.trim().split(/\s+/);
+      // Num RefCount Protocol Flags Type St Inode [Path]
+      if (cols[6] === m[1] && cols[7] !== undefined) return cols[7];
+    }
+  } catch {
+    // Not Linux, or no /proc: the caller says the socket is unnamed.
+  }
+  return null;
 }

@@ -143,6 +143,7 @@ export class RequestRunner {
     const sparse =
       this.#writer.sparse &&
       dev.capabilities.extents &&
+      dev.extentsOnRead !== false &&
       len >= this.#limits.sparseReadMinimum &&
       !(h.flags & NBD_CMD_FLAG.NBD_CMD_FLAG_DF);
     let knownRuns: Extent[] | null | undefined;

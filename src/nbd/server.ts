@@ -13,11 +13,13 @@ import { DEFAULT_LIMITS, InFlightBudget, validateLimits, type ServerLimits } fro
 import { NbdSession, type SessionHost } from './session.js';
 import { AddressRules, type AddressRuleSpec } from '../io/address-rules.js';
 import { peerCredentials, peerCredentialsUnavailable } from '../io/peer-cred.js';
+import { unixSocketPath } from '../io/socket-activation.js';
 import { ExportPolicy, type Client, type ExportPolicySpec } from './access.js';
 import type { ExportAccess } from './handshake.js';
 import { TLS_OFF, type ServerTls } from './tls.js';
 import { BufferPool } from '../io/buffer-pool.js';
 import { closeListeners, drainSessions } from '../io/drain.js';
+import type { NbdMetricsSink } from './metrics.js';
 
 /** Where to listen. */
 export type ListenAddress = { readonly host: string; readonly port: number } | { readonly path: string };
@@ -47,6 +49,8 @@ export interface NbdServerOptions {
   readonly limits?: Partial<ServerLimits>;
   /** Access rules per export name (TLS only, addresses, TLS identities). Default: none. */
   readonly access?: Readonly<Record<string, ExportPolicySpec>>;
+  /** The observer of connections and requests (src/metrics). Default: none, and no call is made. */
+  readonly metrics?: NbdMetricsSink;
 }
 
 /** A listener's settings as its accept callback uses them. */
@@ -55,6 +59,13 @@ interface Listener {
   readonly rules: AddressRules | null;
   /** Read unix peers' uids (some rule names a uid). */
   readonly readUids: boolean;
+  /** How metrics and status name it: `tcp:HOST:PORT`, `unix:PATH` or `fd:N`. */
+  readonly label: string;
+}
+
+/** How metrics and status name a listener. */
+export function listenerLabel(addr: ListenAddress): string {
+  return 'path' in addr ? `unix:${addr.path}` : `tcp:${addr.host.includes(':') ? `[${addr.host}]` : addr.host}:${addr.port}`;
 }
 
 export class NbdServer implements SessionHost, ExportTable {
@@ -63,6 +74,8 @@ export class NbdServer implements SessionHost, ExportTable {
   readonly pool = new BufferPool();
   readonly budget: InFlightBudget;
   readonly errorLog = new RequestErrorLog();
+  readonly metrics: NbdMetricsSink | null;
+  readonly #labels: string[] = [];
   readonly #exports = new Map<string, Export>();
   readonly #policies = new Map<string, ExportPolicy>();
   readonly #defaultName: string;
@@ -77,6 +90,7 @@ export class NbdServer implements SessionHost, ExportTable {
     this.limits = validateLimits({ ...DEFAULT_LIMITS, ...opts.limits });
     this.logger = opts.logger ?? pino({ level: 'silent' });
     this.budget = new InFlightBudget(this.limits.maxServerInFlightBytes);
+    this.metrics = opts.metrics ?? null;
     for (const e of opts.exports) {
       if (this.#exports.has(e.name)) throw new BlockError('EINVAL', `duplicate export name '${e.name}'`);
       this.#exports.set(e.name, e);
@@ -134,6 +148,16 @@ export class NbdServer implements SessionHost, ExportTable {
     return exp;
   }
 
+  /** The listeners' labels ({@link listenerLabel}), in the order they started listening. */
+  get listenerLabels(): readonly string[] {
+    return this.#labels;
+  }
+
+  /** Open sessions, for status. */
+  sessions(): readonly NbdSession[] {
+    return [...this.#sessions];
+  }
+
   /** Open sessions. */
   get sessionCount(): number {
     return this.#sessions.size;
@@ -159,7 +183,7 @@ export class NbdServer implements SessionHost, ExportTable {
     const wantsUids = (rules?.usesUids ?? false) || [...this.#policies.values()].some((p) => p.usesUids);
     // An inherited socket's family is known only once Node has taken it (below); no
     // connection is accepted before then, since accepting waits for the event loop.
-    const listener: { -readonly [K in keyof Listener]: Listener[K] } = { tls, rules: rules && !rules.empty ? rules : null, readUids: false };
+    const listener: { -readonly [K in keyof Listener]: Listener[K] } = { tls, rules: rules && !rules.empty ? rules : null, readUids: false, label: 'fd' in addr ? `fd:${addr.fd}` : listenerLabel(addr) };
     const checkUids = (unix: boolean): void => {
       listener.readUids = unix && wantsUids;
       if (!listener.readUids) return;
@@ -180,9 +204,11 @@ export class NbdServer implements SessionHost, ExportTable {
     });
     this.#servers.push(server);
     const bound = server.address();
+    // Node knows a TCP socket's address whatever its origin; a pipe taken with { fd } has none (null).
+    const inheritedUnix = 'fd' in addr && (bound === null || typeof bound === 'string');
     if ('fd' in addr) {
       try {
-        checkUids(typeof bound === 'string');
+        checkUids(inheritedUnix);
       } catch (e) {
         server.close();
         throw e;
@@ -190,15 +216,26 @@ export class NbdServer implements SessionHost, ExportTable {
     }
     if ('path' in addr) {
       this.#unixPaths.push(addr.path);
+      this.#labels.push(listener.label);
       return addr;
     }
-    if (typeof bound === 'string') return { path: bound };
-    if (bound === null) throw new BlockError('EINVAL', `descriptor ${'fd' in addr ? addr.fd : '?'} is not a listening socket`);
-    return { host: bound.address, port: bound.port };
+    // A pipe taken with { fd } has no address Node can tell (null): named through /proc,
+    // or unnamed when /proc cannot tell; the listener serves all the same.
+    const result: ListenAddress =
+      typeof bound === 'string'
+        ? { path: bound }
+        : bound === null
+          ? { path: 'fd' in addr ? (unixSocketPath(addr.fd) ?? `(descriptor ${addr.fd})`) : '' }
+          : { host: bound.address, port: bound.port };
+    // The port the OS chose (port 0) is known only now.
+    if (!('fd' in addr)) listener.label = listenerLabel(result);
+    this.#labels.push(listener.label);
+    return result;
   }
 
   #accept(socket: net.Socket, listener: Listener): void {
     if (this.#shuttingDown) {
+      this.metrics?.connectionRefused(listener.label, 'shutdown');
       socket.destroy();
       return;
     }
@@ -207,6 +244,7 @@ export class NbdServer implements SessionHost, ExportTable {
       // Refused before the greeting: a clean close, as for too many connections.
       const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : `unix uid ${uid ?? 'unknown'}`;
       this.logger.info({ peer }, "connection refused by the listener's address rules");
+      this.metrics?.connectionRefused(listener.label, 'rules');
       socket.destroy();
       return;
     }
@@ -218,12 +256,13 @@ export class NbdServer implements SessionHost, ExportTable {
       // happening. Clients report a connection closed during the handshake and may retry.
       const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
       this.logger.info({ peer, maxConnections: this.limits.maxConnections }, 'connection refused: too many connections');
+      this.metrics?.connectionRefused(listener.label, 'limit');
       socket.destroy();
       return;
     }
     let session: NbdSession;
     try {
-      session = new NbdSession(socket, this, { tls: listener.tls, uid });
+      session = new NbdSession(socket, this, { tls: listener.tls, uid, listener: listener.label });
     } catch (err) {
       // A connection that cannot be set up is dropped; the server goes on serving the others.
       this.logger.error({ err }, 'could not start a session');

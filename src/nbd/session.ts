@@ -42,7 +42,7 @@ import {
   encodeGreeting,
   type RequestHeader,
 } from './codec.js';
-import type { Export, ExportSession } from '../export/export.js';
+import type { Export, ExportSession, SessionFigures } from '../export/export.js';
 import type { RequestErrorLog } from '../export/error-log.js';
 import { Handshake, type ExportAccess, type HandshakeOutcome, type HandshakeStep } from './handshake.js';
 import { describeTlsPeer, peerVerifyError, TLS_OFF, upgradeToTls, type ServerTls, type TlsPeer } from './tls.js';
@@ -54,6 +54,7 @@ import type { InFlightBudget, ServerLimits } from './limits.js';
 import type { BufferPool } from '../io/buffer-pool.js';
 import { lendReadBuffers } from '../io/lent-buffers.js';
 import { ReceiveBuffers, type RxBuffer } from './receive-buffers.js';
+import type { HandshakeResult, NbdMetricsSink, RequestSink } from './metrics.js';
 
 /** What a session needs from its server. */
 export interface SessionHost {
@@ -75,6 +76,8 @@ export interface SessionHost {
   access(exp: Export, client: Client): ExportAccess;
   /** Called once when the session has closed. */
   sessionClosed(session: NbdSession): void;
+  /** The observer of connections and requests (src/nbd/metrics.ts), or null. */
+  readonly metrics: NbdMetricsSink | null;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -116,12 +119,16 @@ interface Request {
   readonly owner: Buffer | null;
   /** Receive buffers the WRITE payload's slices live in, released when the request ends. */
   readonly rx: readonly RxBuffer[] | null;
+  /** When it started, for the metrics sink (0 without one). */
+  readonly t0: number;
 }
 
 /** Bytes received while input was paused, and the receive buffer they are in (null for a 'data' chunk). */
 interface PendingChunk {
   readonly chunk: Buffer;
   readonly rx: RxBuffer | null;
+  /** When it arrived (performance.now(); 0 without a metrics sink). */
+  readonly at: number;
 }
 
 /** What the listener that accepted the connection sets for it. */
@@ -130,7 +137,10 @@ export interface SessionOptions {
   readonly tls?: ServerTls;
   /** A unix peer's uid (SO_PEERCRED), when the server read it. */
   readonly uid?: number | undefined;
+  /** The listener's label for the metrics sink. Default: ''. */
+  readonly listener?: string;
 }
+
 
 let nextSessionId = 1;
 
@@ -169,6 +179,8 @@ export class NbdSession implements ExportSession {
   #lent: boolean;
   /** The receive buffers lent to the socket (lent mode) and their holders. */
   readonly #rxBuffers: ReceiveBuffers;
+  /** When the bytes being parsed now arrived (performance.now(); 0 without a metrics sink): a request's start for its latency. */
+  #arrived = 0;
   /** The receive buffer holding the bytes being parsed now; null for 'data' chunks. */
   #feeding: RxBuffer | null = null;
   /** True while #feed runs. */
@@ -204,6 +216,20 @@ export class NbdSession implements ExportSession {
   /** This session's write-back error cursor (an errseq sample). */
   cursor = 0;
 
+  // Observation: what status and the metrics sink see.
+  readonly #listener: string;
+  /** The sink's request hooks for this session's export, set when transmission starts. */
+  #requestSink: RequestSink | null = null;
+  /** The handshake's outcome was reported to the sink. */
+  #handshakeReported = false;
+  /** The cursor last seen: a change after a request means the session was told of an error. */
+  #seenCursor = 0;
+  #replies = '';
+  #flagNames = '';
+  #requests = 0;
+  #bytesRead = 0;
+  #bytesWritten = 0;
+
   /**
    * `accepted` should be paused (the server accepts with pauseOnConnect) so that its
    * reads can be switched to lent buffers before the first byte; a flowing socket is
@@ -213,6 +239,7 @@ export class NbdSession implements ExportSession {
     this.#host = host;
     this.#tlsConfig = opts.tls ?? TLS_OFF;
     this.#uid = opts.uid;
+    this.#listener = opts.listener ?? '';
     this.#address = accepted.remoteAddress;
     const rxBuffers = new ReceiveBuffers(host.pool, host.limits.maxInFlightBytes);
     this.#rxBuffers = rxBuffers;
@@ -242,8 +269,10 @@ export class NbdSession implements ExportSession {
       socket.resume();
     }
     this.#listen(socket);
+    host.metrics?.connectionOpened(this.#listener);
     this.#handshakeTimer = setTimeout(() => {
       this.#log.info('handshake timed out');
+      this.#reportHandshake('timeout');
       this.#hangUp();
     }, host.limits.handshakeTimeoutMs);
     this.#handshakeTimer.unref();
@@ -284,6 +313,30 @@ export class NbdSession implements ExportSession {
     return this.#inFlight;
   }
 
+  /** The label of the listener that accepted it. */
+  get listener(): string {
+    return this.#listener;
+  }
+
+  /** What it negotiated and moved, once in transmission (for status); null before. */
+  figures(): SessionFigures | null {
+    if (this.#export === null) return null;
+    return {
+      replies: this.#replies,
+      flags: this.#flagNames,
+      requests: this.#requests,
+      bytesRead: this.#bytesRead,
+      bytesWritten: this.#bytesWritten,
+      inFlight: this.#inFlight,
+    };
+  }
+
+  #reportHandshake(result: HandshakeResult): void {
+    if (this.#handshakeReported) return;
+    this.#handshakeReported = true;
+    this.#host.metrics?.handshake(this.#listener, result, this.#tlsPeer !== null);
+  }
+
   /**
    * Server shutdown: in the handshake, hang up now; in transmission, requests already
    * running finish, new ones get ESHUTDOWN, and the connection closes when none is left.
@@ -305,12 +358,15 @@ export class NbdSession implements ExportSession {
   // Input
 
   #onData(chunk: Buffer, rx: RxBuffer | null): void {
+    // One clock read per chunk, not per request: at QD32 a chunk holds many requests, and
+    // their latency is counted from when their bytes arrived.
+    const at = this.#requestSink !== null ? performance.now() : 0;
     if (this.#readPaused || this.#pendingHead < this.#pendingChunks.length) {
       if (rx) this.#rxBuffers.hold(rx);
-      this.#pendingChunks.push({ chunk, rx });
+      this.#pendingChunks.push({ chunk, rx, at });
       return;
     }
-    this.#feed(chunk, rx);
+    this.#feed(chunk, rx, at);
   }
 
   /**
@@ -319,8 +375,9 @@ export class NbdSession implements ExportSession {
    * request answered at once, from inside the parse) only unpauses, and the pending
    * bytes are fed, in order, once this parse is done.
    */
-  #feed(chunk: Buffer, rx: RxBuffer | null): void {
+  #feed(chunk: Buffer, rx: RxBuffer | null, at: number): void {
     this.#feeding = rx;
+    this.#arrived = at;
     this.#parsing = true;
     try {
       this.#parse(chunk);
@@ -341,7 +398,7 @@ export class NbdSession implements ExportSession {
       if (this.#readPaused) {
         const rx = this.#feeding;
         if (rx) this.#rxBuffers.hold(rx);
-        this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx });
+        this.#pendingChunks.push({ chunk: chunk.subarray(pos), rx, at: this.#arrived });
         return;
       }
       switch (this.#state) {
@@ -508,6 +565,7 @@ export class NbdSession implements ExportSession {
         if (outcome.reason !== null) this.#log.info(outcome.reason);
         return this.#hangUp();
       case 'abort':
+        this.#reportHandshake('abort');
         this.#state = S.IGNORE;
         this.#socket.end();
         return;
@@ -590,8 +648,18 @@ export class NbdSession implements ExportSession {
       hasPayload: false,
     };
     this.cursor = exp.errseq.sample();
+    this.#seenCursor = this.cursor;
     exp.attach(this);
-    this.#log.info({ export: exp.name, replies: modeName(mode), flags: transmissionFlagNames(flags) }, 'transmission');
+    this.#replies = modeName(mode);
+    this.#flagNames = transmissionFlagNames(flags);
+    const metrics = this.#host.metrics;
+    if (metrics) {
+      this.#reportHandshake('transmission');
+      this.#requestSink = metrics.requests(exp, this.#listener);
+      // Requests the client sent in the chunk that ended the handshake (read before there was a sink) start now.
+      this.#arrived = performance.now();
+    }
+    this.#log.info({ export: exp.name, replies: this.#replies, flags: this.#flagNames }, 'transmission');
     this.#expect(S.REQUEST_HEADER, this.#requestSize);
   }
 
@@ -656,14 +724,15 @@ export class NbdSession implements ExportSession {
         : `${commandName(h.type)} does not take a payload`;
     // EINVAL, not EOVERFLOW: the spec keeps EOVERFLOW for DF reads and oversized payload-less requests.
     const code = 'EINVAL';
-    this.#begin(0);
-    this.#finish({ h, cost: 0, owner: null, rx: null }, new WireError(new BlockError(code, msg)));
+    const t0 = this.#begin(0);
+    this.#finish({ h, cost: 0, owner: null, rx: null, t0 }, new WireError(new BlockError(code, msg)));
   }
 
   // -------------------------------------------------------------------------------
   // Transmission: requests
 
-  #begin(cost: number): void {
+  /** Counts a request in flight; returns its start time for the metrics sink (when its bytes arrived; 0 without one). */
+  #begin(cost: number): number {
     this.#inFlight++;
     this.#inFlightBytes += cost;
     this.#host.budget.take(cost);
@@ -675,6 +744,9 @@ export class NbdSession implements ExportSession {
       this.#pauseInput();
       this.#host.budget.wait(this.#wake);
     }
+    if (this.#requestSink === null) return 0;
+    this.#requestSink.begin(cost);
+    return this.#arrived;
   }
 
   #dispatch(h: RequestHeader, payload: Payload | null, owner: Buffer | null = null, rx: readonly RxBuffer[] | null = null): void {
@@ -691,8 +763,8 @@ export class NbdSession implements ExportSession {
       : h.type === NBD_CMD.NBD_CMD_READ ? Math.min(h.length, this.#host.limits.maxPayload)
       : h.type === NBD_CMD.NBD_CMD_BLOCK_STATUS ? this.#statusCost(h)
       : 0;
-    const req: Request = { h, cost, owner, rx };
-    this.#begin(cost);
+    const t0 = this.#begin(cost);
+    const req: Request = { h, cost, owner, rx, t0 };
     const ctx = this.#vctx!;
     ctx.shuttingDown = this.#host.shuttingDown;
     ctx.hasPayload = payload !== null;
@@ -722,6 +794,7 @@ export class NbdSession implements ExportSession {
     // The device is done with the payload (BlockDevice.write must not keep it).
     if (req.owner) this.#host.pool.put(req.owner);
     if (req.rx) for (const r of req.rx) this.#rxBuffers.release(r);
+    this.#count(req, result);
     if (!this.#closed) {
       // The last request in flight: nothing else can join this batch, so its reply leaves
       // now (one writev) rather than at the end of the event-loop turn. At queue depth 1
@@ -749,6 +822,26 @@ export class NbdSession implements ExportSession {
       return;
     }
     this.#maybeResume();
+  }
+
+  /** The figures of a finished request: this session's, and the metrics sink's. No allocation. */
+  #count(req: Request, result: Reply): void {
+    const h = req.h;
+    const failed = result instanceof WireError;
+    this.#requests++;
+    if (!failed) {
+      if (h.type === NBD_CMD.NBD_CMD_READ) this.#bytesRead += h.length;
+      else if (h.type === NBD_CMD.NBD_CMD_WRITE) this.#bytesWritten += h.length;
+    }
+    const sink = this.#requestSink;
+    if (sink === null) return;
+    const errno = failed ? nbdErrno(result.error, h.type, h.flags) : 0;
+    sink.end(h.type, h.length, req.cost, errno, req.t0);
+    if (this.cursor !== this.#seenCursor) {
+      // The runner advanced the cursor: this request's reply told the session of a write-back error.
+      this.#seenCursor = this.cursor;
+      this.#host.metrics!.errorReported(this.#export!, this.id, this.peer, this.#export!.errseq.peekError());
+    }
   }
 
   /** Queues bytes for the peer, corked until the end of this event-loop turn; `release` goes back to the pool once written. */
@@ -833,8 +926,8 @@ export class NbdSession implements ExportSession {
     // The fields, not locals: feeding can pause again (and queue the rest) or resume
     // the feeding from inside #feed.
     while (this.#pendingHead < this.#pendingChunks.length && !this.#readPaused) {
-      const { chunk, rx } = this.#pendingChunks[this.#pendingHead++]!;
-      this.#feed(chunk, rx);
+      const { chunk, rx, at } = this.#pendingChunks[this.#pendingHead++]!;
+      this.#feed(chunk, rx, at);
       if (rx) this.#rxBuffers.release(rx);
     }
     if (this.#pendingHead === this.#pendingChunks.length) {
@@ -868,6 +961,8 @@ export class NbdSession implements ExportSession {
     if (this.#handshakeTimer) clearTimeout(this.#handshakeTimer);
     this.#handshakeTimer = null;
     this.#export?.detach(this);
+    this.#reportHandshake('failed');
+    this.#host.metrics?.connectionClosed(this.#listener);
     // A session that served an export gets a closing line beside its 'transmission' one;
     // probes that never got past the handshake (nbdinfo --list, health checks) stay at debug.
     if (this.#export) this.#log.info({ export: this.#export.name }, 'closed');

@@ -35,7 +35,7 @@ after(() => {
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-/** Starts `blockgate ggated` on 127.0.0.1, port 0; resolves with the port from its log. */
+/** Starts `blockgate ggated` on 127.0.0.1, port 0; resolves with the port from its 'ready' log line (pid file written by then). */
 function startGgated(args: string[]): Promise<{ child: ChildProcess; port: number; stderr: () => string }> {
   const child = spawn(CLI[0]!, [...CLI.slice(1), 'ggated', '-a', '127.0.0.1', '-p', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   children.add(child);
@@ -48,7 +48,7 @@ function startGgated(args: string[]): Promise<{ child: ChildProcess; port: numbe
       for (const line of err.split('\n')) {
         if (!line.startsWith('{')) continue;
         const rec = JSON.parse(line) as { port?: number; msg?: string };
-        if (typeof rec.port === 'number' && rec.msg?.startsWith('listening')) {
+        if (typeof rec.port === 'number' && rec.msg === 'ready') {
           clearTimeout(t);
           resolve({ child, port: rec.port, stderr: () => err });
           return;

@@ -18,6 +18,7 @@ import { infoCommand } from '../../src/cli/info.js';
 import { mapCommand } from '../../src/cli/map.js';
 import { copyCommand } from '../../src/cli/copy.js';
 import { pluginsCommand } from '../../src/cli/plugins.js';
+import { rbdCommand } from '../../src/cli/rbd.js';
 import { s3Command } from '../../src/cli/s3.js';
 import { runOk } from '../helpers/run.js';
 
@@ -28,7 +29,7 @@ const SUBCOMMAND_MODULES = ['serve', 'ggated', 'ggatel', 'ggatec', 'status', 'in
 /** The program as it was before lazy loading: every real subcommand added up front. */
 function eagerProgram(): Command {
   const program = new Command().name('blockgate');
-  for (const make of [serveCommand, ggatedCommand, ggatelCommand, ggatecCommand, statusCommand, infoCommand, mapCommand, copyCommand, s3Command, pluginsCommand]) {
+  for (const make of [serveCommand, ggatedCommand, ggatelCommand, ggatecCommand, statusCommand, infoCommand, mapCommand, copyCommand, rbdCommand, s3Command, pluginsCommand]) {
     program.addCommand(make());
   }
   return program;

@@ -54,7 +54,7 @@ test('a wrong type in a config file says what was expected at which key', () => 
 });
 
 test('a mistyped backend type (ram:1G) is reported as an unknown type, not a missing file', () => {
-  assert.throws(() => parseExportSpec('ram:1G'), /unknown backend type 'ram' \(known: memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, nbd:URI, plugin:PATH, s3:\/\/BUCKET\/PREFIX; a file whose name has a colon: file:ram:1G\)/);
+  assert.throws(() => parseExportSpec('ram:1G'), /unknown backend type 'ram' \(known: memory:SIZE, null:SIZE, pattern:SIZE, file:PATH, rbd:POOL\/IMAGE, nbd:URI, plugin:PATH, s3:\/\/BUCKET\/PREFIX; a file whose name has a colon: file:ram:1G\)/);
   // A file that exists with a colon in its name is still served as a file.
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockgate-spec-'));
   try {

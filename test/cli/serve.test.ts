@@ -216,6 +216,14 @@ describe('config parsing', () => {
     assert.throws(() => parseExportSpec('x='), /nothing to serve/);
   });
 
+  test('parseExportSpec: rbd:POOL/IMAGE, named and read-only; a malformed one says the form', () => {
+    assert.deepEqual(parseExportSpec('rbd:rbd/disk1'), { name: '', backend: { type: 'rbd', pool: 'rbd', image: 'disk1' }, readOnly: false });
+    assert.deepEqual(parseExportSpec('d=rbd:p/i', true), { name: 'd', backend: { type: 'rbd', pool: 'p', image: 'i', readonly: true }, readOnly: true });
+    assert.throws(() => parseExportSpec('rbd:disk1'), /export 'rbd:disk1': rbd: expected POOL\/IMAGE, e\.g\. rbd:rbd\/disk1/);
+    assert.throws(() => parseExportSpec('rbd:a/b/c'), /expected POOL\/IMAGE/);
+    assert.throws(() => parseExportSpec('rbd:a/b@snap'), /expected POOL\/IMAGE/);
+  });
+
   test('parseConfig names the bad key', () => {
     assert.throws(() => parseConfig({ exports: [] }, 'f'), /f: exports:/);
     assert.throws(() => parseConfig({ exports: [{ name: 'a', backend: { size: 1 } }] }, 'f'), /exports\[0\]\.backend\.type/);

@@ -76,6 +76,9 @@ paxos min wait = 0.01
 mgr stats period = 1
 mgr tick period = 1
 keyring = $DIR/keyring
+[client]
+# One socket per client process: several gateways (and the CLI) run as client.admin at once.
+admin socket = $DIR/run/\$name.\$pid.asok
 [mon]
 keyring = $DIR/mon.keyring
 [mgr]

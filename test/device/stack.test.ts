@@ -54,7 +54,7 @@ function recordingRegistry(built: BlockDevice[]): StackRegistry {
 
 describe('buildStack with the real registry', () => {
   test('the default registry knows the built-in backends and filters', () => {
-    assert.deepEqual([...defaultRegistry.backends.keys()].sort(), ['file', 'memory', 'null', 'pattern', 's3']);
+    assert.deepEqual([...defaultRegistry.backends.keys()].sort(), ['file', 'memory', 'null', 'pattern', 'rbd', 's3']);
     // Every filter of src/filters/index.ts, in its order, the first four as they have always been.
     assert.deepEqual([...defaultRegistry.filters.keys()], [...FILTERS.keys()]);
     assert.deepEqual([...FILTERS.keys()].slice(0, 4), ['readonly', 'writeback', 'error', 'cow']);
@@ -98,7 +98,7 @@ describe('buildStack with the real registry', () => {
 
   test('an unknown backend is EINVAL listing the known names', async () => {
     await assert.rejects(createStack({ backend: { type: 'nope' } }), (e) => {
-      return e instanceof BlockError && e.code === 'EINVAL' && /unknown backend 'nope' \(known: memory, file, null, pattern, s3\)/.test(e.message);
+      return e instanceof BlockError && e.code === 'EINVAL' && /unknown backend 'nope' \(known: memory, file, null, pattern, rbd, s3\)/.test(e.message);
     });
   });
 

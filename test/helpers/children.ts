@@ -37,9 +37,9 @@ export interface Child {
 export class ChildSet {
   readonly #alive = new Set<ChildProcess>();
 
-  /** Starts `cmd` with Debian's tools first in PATH and its stdin, stdout and stderr piped. */
-  start(cmd: string, args: readonly string[]): Child {
-    const proc = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, PATH: DEBIAN_PATH } });
+  /** Starts `cmd` with Debian's tools first in PATH (and `env` added), its stdin, stdout and stderr piped. */
+  start(cmd: string, args: readonly string[], env: Record<string, string> = {}): Child {
+    const proc = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, PATH: DEBIAN_PATH, ...env } });
     this.#alive.add(proc);
     const text = { stdout: '', stderr: '' };
     const listeners = new Set<() => void>();

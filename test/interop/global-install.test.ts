@@ -35,9 +35,9 @@ after(() => {
   inst?.remove();
 });
 
-test('the tarball holds the built command, LICENSE, README.md and docs/, and no tests or TypeScript sources', () => {
+test('the tarball holds the bundled command and library, their type declarations, LICENSE, README.md and docs/, and no tests, TypeScript sources or unbundled modules', () => {
   assert.equal(packed.filename, `${PKG.name}-${PKG.version}.tgz`);
-  for (const f of ['dist/src/cli/main.js', 'dist/src/index.js', 'dist/src/index.d.ts', 'LICENSE', 'README.md', 'package.json']) {
+  for (const f of ['dist/bundle/cli/main.js', 'dist/bundle/index.js', 'dist/bundle/plugin/index.js', 'dist/src/index.d.ts', 'dist/src/plugin/index.d.ts', 'LICENSE', 'README.md', 'package.json']) {
     assert.ok(packedPaths.includes(f), `${f} is packed`);
   }
   const docs = fs.readdirSync(path.join(ROOT, 'docs'), { recursive: true, encoding: 'utf8' })
@@ -47,7 +47,7 @@ test('the tarball holds the built command, LICENSE, README.md and docs/, and no 
     assert.ok(packedPaths.includes(`docs/${doc}`), `docs/${doc} is packed`);
   }
   const unwanted = packedPaths.filter((f) =>
-    /(^|\/)test\//.test(f) || /^(src|bench)\//.test(f) || (f.endsWith('.ts') && !f.endsWith('.d.ts')));
+    /(^|\/)test\//.test(f) || /^(src|bench)\//.test(f) || (f.endsWith('.ts') && !f.endsWith('.d.ts')) || /^dist\/src\/.*\.js$/.test(f));
   assert.deepEqual(unwanted, []);
 
   const dry = run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: STAGE, env: NPM_ENV, timeoutMs: 60_000 });

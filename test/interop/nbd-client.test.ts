@@ -22,7 +22,6 @@
 import { after, before, describe, test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { ChildSet, type Child } from '../helpers/children.js';
@@ -33,6 +32,7 @@ import { assertSameBytes, rejectsWith } from '../helpers/assertions.js';
 import { NbdClient, type Extent, type NbdClientOptions } from '../../src/nbd/client.js';
 import { NBD_FLAG, NBD_STATE } from '../../src/nbd/constants.js';
 import { BlockError } from '../../src/errors/index.js';
+import { freePort } from '../helpers/ports.js';
 
 const MiB = 1024 * 1024;
 const TEST = { timeout: 60_000 };
@@ -84,16 +84,6 @@ async function bounded<T>(p: Promise<T>, what: string): Promise<T> {
   }
 }
 
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-  });
-}
 
 const gone = (child: Child): boolean => child.proc.exitCode !== null || child.proc.signalCode !== null;
 

@@ -34,8 +34,8 @@ function fromDoc(name: string): string {
 
 before(async () => {
   const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { exports: Record<string, unknown>; files: string[] };
-  assert.ok(pkg.exports['./plugin'] && pkg.exports['./testing'], 'package.json "exports" needs "./plugin" and "./testing" (dist/src/plugin/index.js, dist/src/testing/index.js)');
-  assert.ok(pkg.files.includes('dist/src'), 'package.json "files" ships dist/src');
+  assert.ok(pkg.exports['./plugin'] && pkg.exports['./testing'], 'package.json "exports" needs "./plugin" and "./testing" (dist/bundle/plugin/index.js, dist/bundle/testing/index.js)');
+  assert.ok(pkg.files.includes('dist/bundle') && pkg.files.includes('dist/src/**/*.d.ts'), 'package.json "files" ships dist/bundle and the declarations in dist/src');
   const packs = path.join(tmp, 'packs');
   fs.mkdirSync(packs);
   await runOk('npm', ['pack', '--pack-destination', packs, '--silent'], { env, timeoutMs: 120_000, cwd: ROOT });

@@ -160,7 +160,12 @@ export interface ExportStatus {
   readonly sessions: SessionStatus[];
   /** Live per-operation figures, when the export's stack has a stats filter. */
   readonly stats?: LiveStats;
+  /** The server's own live figures of the export (counted at the NBD edge; absent with metrics off). */
+  readonly live?: LiveStats;
 }
+
+/** The server's live figures of an export (src/metrics), given to the gate service by `serve`. */
+export type LiveFigures = (exp: Export) => LiveStats;
 
 function liveStatsField(device: BlockDevice): { stats?: LiveStats } {
   const stats = liveStatsOf(device);
@@ -182,10 +187,12 @@ export class GateService {
   readonly registry: GateRegistry;
   readonly nbd: ExportTable | undefined;
   readonly #exports = new Map<number, GateExport>();
+  readonly #live: LiveFigures | undefined;
 
-  constructor(registry: GateRegistry, nbd?: ExportTable) {
+  constructor(registry: GateRegistry, nbd?: ExportTable, live?: LiveFigures) {
     this.registry = registry;
     this.nbd = nbd;
+    this.#live = live;
   }
 
   /** CREATE, then the export; if the export cannot be added (name taken) the gate is destroyed again. */
@@ -242,6 +249,7 @@ export class GateService {
       errseq: e.errseq.describe(),
       sessions: e.sessions(),
       ...liveStatsField(e.device),
+      ...(this.#live ? { live: this.#live(e) } : {}),
     }));
     return { exports, gates: this.registry.list() };
   }

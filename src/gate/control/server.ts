@@ -41,7 +41,7 @@ import {
 } from './protocol.js';
 import { ControlFrameStream } from './frames.js';
 import { defaultControlPath } from './paths.js';
-import { GateService } from './gates.js';
+import { GateService, type LiveFigures } from './gates.js';
 import type { ExportTable } from '../../export/export.js';
 
 export { defaultControlPath } from './paths.js';
@@ -422,12 +422,14 @@ export interface StartControlOptions {
   readonly logger: Logger;
   /** Size of the gate unit table; default GATE.DEFAULT_MAX_UNITS. */
   readonly maxUnits?: number;
+  /** The server's live figures per export, for STATUS (src/metrics). */
+  readonly live?: LiveFigures;
 }
 
 /** Creates the gate registry and the control socket of `blockgate serve`. */
 export async function startControlServer(opts: StartControlOptions): Promise<ControlHandle | undefined> {
   const socketPath = opts.path ?? defaultControlPath();
-  const gates = new GateService(new GateRegistry(opts.maxUnits !== undefined ? { maxUnits: opts.maxUnits } : {}), opts.nbd);
+  const gates = new GateService(new GateRegistry(opts.maxUnits !== undefined ? { maxUnits: opts.maxUnits } : {}), opts.nbd, opts.live);
   const control = new ControlServer({ gates, logger: opts.logger });
   try {
     await control.listen(socketPath);
