@@ -913,6 +913,14 @@ export function renderOverheadTable(figs: readonly OverheadFigure[]): string {
   return `${lines.join('\n')}\n`;
 }
 
+/**
+ * The s3 rows: a 512 MiB export, 3 runs of 15 s random phases; 256 MiB and one run with
+ * --quick or --ci. The OSD holds everything in RAM, about 4 x the size across the rows.
+ */
+function s3OptionsFor(quick: boolean): S3BenchOptions {
+  return quick ? { size: 256 * 2 ** 20, seconds: 8, runs: 1 } : { size: 512 * 2 ** 20, seconds: 15, runs: 3 };
+}
+
 async function main(): Promise<void> {
   const argv = process.argv.slice(2);
   if (argv.includes('--ceph')) {
@@ -920,8 +928,7 @@ async function main(): Promise<void> {
     const ji = argv.indexOf('--json');
     const { cephBench } = await import('./ceph.js');
     await cephBench(argv, ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/ceph-latest.json'));
-    const quick = argv.includes('--quick') || argv.includes('--ci');
-    const s3Options: S3BenchOptions = quick ? { size: 256 * 2 ** 20, seconds: 8, runs: 1 } : { size: 512 * 2 ** 20, seconds: 15, runs: 3 };
+    const s3Options = s3OptionsFor(argv.includes('--quick') || argv.includes('--ci'));
     const s3 = await runS3Bench(s3Options);
     process.stdout.write(`\n${renderS3Table(s3, s3Options)}`);
     const s3Json = path.join(ROOT, 'bench/results/s3-latest.json');
@@ -949,9 +956,7 @@ async function main(): Promise<void> {
   if (!withCopy) mode = { ...mode, copyCases: [] };
   const ji = argv.indexOf('--json');
   const jsonOut = ji >= 0 && argv[ji + 1] ? argv[ji + 1]! : path.join(ROOT, 'bench/results/latest.json');
-  // The s3 rows: a 512 MiB export, 3 runs of 15 s random phases; 256 MiB and one run with
-  // --quick or --ci. The OSD holds everything in RAM, about 4 x the size across the rows.
-  const s3Options: S3BenchOptions = mode.name === 'full' ? { size: 512 * 2 ** 20, seconds: 15, runs: 3 } : { size: 256 * 2 ** 20, seconds: 8, runs: 1 };
+  const s3Options = s3OptionsFor(mode.name !== 'full');
   if (argv.includes('--s3-only')) {
     process.stderr.write(`bench: s3 rows only, ${s3Options.size / 2 ** 20} MiB, ${s3Options.runs} run(s)\n`);
     const s3 = await runS3Bench(s3Options);

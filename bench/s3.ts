@@ -6,11 +6,14 @@
  * since every byte the export moves is an S3 request of that client.
  *
  * One throw-away Ceph cluster (test/cluster/ceph-up.sh through test/helpers/ceph.ts) is
- * started for the rows and stopped at the end. Workloads, each on the same cluster:
+ * started for the rows and stopped at the end, after an untimed warm-up. In each run every
+ * workload is measured raw and then through blockgate, one right after the other, so the
+ * two figures of a row see the cluster and the (shared, noisy) machine in the same state:
  * - seq-write: nbdcopy a random file into the export (whole chunks), `--flush` (so the time covers
  *   every PUT); raw: PUT chunk-size objects, S3_MAX_INFLIGHT at a time.
- * - seq-read: nbdcopy the export to null: from a freshly started server (nothing in its
- *   memory); raw: GET the same objects.
+ * - seq-read: nbdcopy the export to null: from another server (nothing in its memory;
+ *   reads keep nothing anyway); raw: GET the same objects.
+ * Each sequential figure is the second of two passes, for both, the first untimed.
  * - rand-read-qd32: fio 4 KiB random reads at queue depth 32 (ranged GETs);
  *   raw: ranged 4 KiB GETs at random offsets, 32 at a time.
  * - rand-write-qd32: fio 4 KiB random writes at queue depth 32, ended by a FLUSH
@@ -19,7 +22,7 @@
  *   objects, 32 at a time (what the same number of tiny writes would cost if the
  *   layout could avoid the read-modify-write).
  * - the durability choice (docs/S3.md), on an S3Device opened in this process: the same
- *   sequential 256 KiB writes, 32 in flight, acknowledged once in memory and ended by a
+ *   sequential 256 KiB writes, one at a time, acknowledged once in memory and ended by a
  *   FLUSH (what blockgate does) against every write with FUA (acknowledged only after
  *   its chunk's PUT: the alternative design).
  */
@@ -57,6 +60,12 @@ export const S3_WORKLOADS: readonly S3Workload[] = ['seq-write', 'seq-read', 'ra
  */
 /** The write size of the durability rows: nbdcopy's default request size. */
 const DURABILITY_WRITE = 256 * 1024;
+/**
+ * Writes in flight in the durability rows: 1, one sequential writer (dd, a guest's
+ * journal), where acknowledging after the PUT costs the most; with 32 writers covering a
+ * chunk at once, the four writes of a chunk share one PUT either way.
+ */
+const DURABILITY_DEPTH = 1;
 
 export interface S3BenchResult {
   readonly workload: S3Workload;
@@ -187,71 +196,144 @@ async function fio(uri: string, rw: 'randread' | 'randwrite', size: number, seco
   return rw === 'randread' ? j.jobs[0]!.read.iops : j.jobs[0]!.write.iops;
 }
 
-/** The raw S3 figures of one run, through a store configured as the backend's. */
-async function rawRun(cluster: CephCluster, o: S3BenchOptions, run: number, data: Buffer): Promise<Record<S3Workload, number>> {
-  const settings = resolveS3Settings({
-    type: 's3',
-    bucket: 'bench-raw',
-    endpoint: cluster.s3.endpoint,
-    accessKeyId: cluster.s3.accessKeyId,
-    secretAccessKey: cluster.s3.secretAccessKey,
-  });
-  const store = new S3Store(settings);
-  try {
-    await store.createBucket();
+/**
+ * The raw S3 workloads, through a store configured as the backend's: PUT and GET of
+ * chunk-size objects, ranged 4 KiB GETs, 4 KiB PUTs; each returns its figure.
+ */
+class RawS3 {
+  readonly #store: S3Store;
+  readonly #o: S3BenchOptions;
+  readonly #name: string;
+  readonly #n: number;
+  #w = 0;
+
+  constructor(cluster: CephCluster, o: S3BenchOptions, name: string) {
+    this.#store = new S3Store(
+      resolveS3Settings({ type: 's3', bucket: 'bench-raw', endpoint: cluster.s3.endpoint, accessKeyId: cluster.s3.accessKeyId, secretAccessKey: cluster.s3.secretAccessKey }),
+    );
+    this.#o = o;
+    this.#name = name;
+    this.#n = o.size / S3_DEFAULT_CHUNK_SIZE;
+  }
+
+  #key(i: number): string {
+    return `${this.#name}/chunk/${i.toString(16).padStart(16, '0')}`;
+  }
+
+  async seqWrite(data: Buffer): Promise<number> {
+    await this.#store.createBucket();
     const chunk = S3_DEFAULT_CHUNK_SIZE;
-    const n = o.size / chunk;
-    const key = (i: number) => `${run < 0 ? 'warm' : 'raw'}/chunk/${i.toString(16).padStart(16, '0')}`;
-    let t0 = performance.now();
-    await pool(n, S3_MAX_INFLIGHT, async (i) => {
-      await store.put(key(i), data.subarray(i * chunk, (i + 1) * chunk));
+    const t0 = performance.now();
+    await pool(this.#n, S3_MAX_INFLIGHT, async (i) => {
+      await this.#store.put(this.#key(i), data.subarray(i * chunk, (i + 1) * chunk));
     });
-    const seqWrite = o.size / MiB / ((performance.now() - t0) / 1000);
-    const bufs = Array.from({ length: S3_MAX_INFLIGHT }, () => Buffer.allocUnsafe(chunk));
+    return this.#o.size / MiB / ((performance.now() - t0) / 1000);
+  }
+
+  async seqRead(): Promise<number> {
+    const bufs = Array.from({ length: S3_MAX_INFLIGHT }, () => Buffer.allocUnsafe(S3_DEFAULT_CHUNK_SIZE));
     let slot = 0;
-    t0 = performance.now();
-    await pool(n, S3_MAX_INFLIGHT, async (i) => {
-      const b = bufs[slot++ % bufs.length]!;
-      await store.getInto(key(i), 0, b, true);
+    const t0 = performance.now();
+    await pool(this.#n, S3_MAX_INFLIGHT, async (i) => {
+      await this.#store.getInto(this.#key(i), 0, bufs[slot++ % bufs.length]!, true);
     });
-    const seqRead = o.size / MiB / ((performance.now() - t0) / 1000);
+    return this.#o.size / MiB / ((performance.now() - t0) / 1000);
+  }
+
+  async randRead(): Promise<number> {
+    return await timed(this.#o.seconds, S3_MAX_INFLIGHT, async () => {
+      const i = Math.floor(Math.random() * this.#n);
+      await this.#store.getInto(this.#key(i), Math.floor((Math.random() * S3_DEFAULT_CHUNK_SIZE) / 4096) * 4096, Buffer.allocUnsafe(4096));
+    });
+  }
+
+  async randWrite(): Promise<number> {
     const small = Buffer.allocUnsafe(4096);
-    const randRead = await timed(o.seconds, S3_MAX_INFLIGHT, async () => {
-      const i = Math.floor(Math.random() * n);
-      await store.getInto(key(i), Math.floor((Math.random() * chunk) / 4096) * 4096, Buffer.allocUnsafe(4096));
+    return await timed(this.#o.seconds, S3_MAX_INFLIGHT, async () => {
+      await this.#store.put(`${this.#name}/small/${this.#w++ % SMALL_OBJECTS}`, small);
     });
-    let w = 0;
-    const randWrite = await timed(o.seconds, S3_MAX_INFLIGHT, async () => {
-      await store.put(`${run < 0 ? 'warm' : 'raw'}/small/${w++ % SMALL_OBJECTS}`, small);
-    });
-    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite, 'seq-write-acked': 0, 'seq-write-fua': 0 };
-  } finally {
-    store.close();
+  }
+
+  close(): void {
+    this.#store.close();
   }
 }
 
-/** The blockgate figures of one run (the first creates the export, later ones overwrite it whole). */
-async function blockgateRun(cluster: CephCluster, o: S3BenchOptions, file: string, dir: string): Promise<Record<S3Workload, number>> {
-  const env = { AWS_ACCESS_KEY_ID: cluster.s3.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.s3.secretAccessKey, AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' };
-  const url = `s3://bench-export/export?endpoint=${cluster.s3.endpoint}&size=${o.size}`;
-  let s = await serve(url, dir, env);
-  let t0 = performance.now();
+/** The blockgate export of the bench (the first run creates it, later ones overwrite it whole). */
+function exportUrl(cluster: CephCluster, o: S3BenchOptions): string {
+  return `s3://bench-export/export?endpoint=${cluster.s3.endpoint}&size=${o.size}`;
+}
+
+function serverEnv(cluster: CephCluster): NodeJS.ProcessEnv {
+  return { AWS_ACCESS_KEY_ID: cluster.s3.accessKeyId, AWS_SECRET_ACCESS_KEY: cluster.s3.secretAccessKey, AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' };
+}
+
+/**
+ * One run: each workload raw, then through blockgate, one right after the other, so
+ * that the two figures of a row see the same state of the cluster and of the machine.
+ */
+async function oneRun(cluster: CephCluster, o: S3BenchOptions, file: string, data: Buffer, dir: string): Promise<{ raw: Record<S3Workload, number>; bg: Record<S3Workload, number> }> {
+  const raw = new RawS3(cluster, o, 'raw');
+  const url = exportUrl(cluster, o);
+  const env = serverEnv(cluster);
+  // Each sequential figure is the second of two passes, the first untimed, for the raw
+  // client and the gateway alike: a server that has just started is still compiling
+  // (the SDK's first requests, the JIT), which is no part of its throughput.
+  const copyIn = async (uri: string): Promise<number> => {
+    const t0 = performance.now();
+    await must('nbdcopy', ['--flush', '--request-size=1048576', '-R', '32', file, uri]);
+    return o.size / MiB / ((performance.now() - t0) / 1000);
+  };
+  const copyOut = async (uri: string): Promise<number> => {
+    const t0 = performance.now();
+    await must('nbdcopy', ['--request-size=1048576', '-R', '32', uri, 'null:']);
+    return o.size / MiB / ((performance.now() - t0) / 1000);
+  };
   try {
-    await must('nbdcopy', ['--flush', '--request-size=1048576', '-R', '32', file, s.uri]);
+    await raw.seqWrite(data);
+    const rawSeqWrite = await raw.seqWrite(data);
+    let s = await serve(url, dir, env);
+    let bgSeqWrite: number;
+    try {
+      await copyIn(s.uri);
+      bgSeqWrite = await copyIn(s.uri);
+    } finally {
+      await stop(s);
+    }
+    await raw.seqRead();
+    const rawSeqRead = await raw.seqRead();
+    // Another server: nothing of the export in its memory (reads never keep any).
+    s = await serve(url, dir, env);
+    try {
+      await copyOut(s.uri);
+      const bgSeqRead = await copyOut(s.uri);
+      const rawRandRead = await raw.randRead();
+      const bgRandRead = await fio(s.uri, 'randread', o.size, o.seconds, dir);
+      const rawRandWrite = await raw.randWrite();
+      const bgRandWrite = await fio(s.uri, 'randwrite', o.size, o.seconds, dir);
+      const acked = await deviceSeqWrite(cluster, o, 'acked', 0, data);
+      const fua = await deviceSeqWrite(cluster, o, 'fua', REQ.FUA, data);
+      return {
+        raw: { 'seq-write': rawSeqWrite, 'seq-read': rawSeqRead, 'rand-read-qd32': rawRandRead, 'rand-write-qd32': rawRandWrite, 'seq-write-acked': fua, 'seq-write-fua': fua },
+        bg: { 'seq-write': bgSeqWrite, 'seq-read': bgSeqRead, 'rand-read-qd32': bgRandRead, 'rand-write-qd32': bgRandWrite, 'seq-write-acked': acked, 'seq-write-fua': fua },
+      };
+    } finally {
+      await stop(s);
+    }
   } finally {
-    await stop(s);
+    raw.close();
   }
-  const seqWrite = o.size / MiB / ((performance.now() - t0) / 1000);
-  s = await serve(url, dir, env);
+}
+
+/** An untimed pass: a fresh cluster is slower on its first requests, and that must not count against whichever is first. */
+async function warmUp(cluster: CephCluster, o: S3BenchOptions, data: Buffer): Promise<void> {
+  const warm = new RawS3(cluster, { ...o, size: Math.min(o.size, 128 * MiB), seconds: 3 }, 'warm');
   try {
-    t0 = performance.now();
-    await must('nbdcopy', ['--request-size=1048576', '-R', '32', s.uri, 'null:']);
-    const seqRead = o.size / MiB / ((performance.now() - t0) / 1000);
-    const randRead = await fio(s.uri, 'randread', o.size, o.seconds, dir);
-    const randWrite = await fio(s.uri, 'randwrite', o.size, o.seconds, dir);
-    return { 'seq-write': seqWrite, 'seq-read': seqRead, 'rand-read-qd32': randRead, 'rand-write-qd32': randWrite, 'seq-write-acked': 0, 'seq-write-fua': 0 };
+    await warm.seqWrite(data);
+    await warm.seqRead();
+    await warm.randRead();
   } finally {
-    await stop(s);
+    warm.close();
   }
 }
 
@@ -266,7 +348,7 @@ async function deviceSeqWrite(cluster: CephCluster, o: S3BenchOptions, prefix: s
     await dev.trim(0, o.size, 0);
     await dev.flush(0);
     const t0 = performance.now();
-    await pool(o.size / DURABILITY_WRITE, S3_MAX_INFLIGHT, async (i) => {
+    await pool(o.size / DURABILITY_WRITE, DURABILITY_DEPTH, async (i) => {
       await dev.write(data.subarray(i * DURABILITY_WRITE, (i + 1) * DURABILITY_WRITE), i * DURABILITY_WRITE, flags);
     });
     await dev.flush(0);
@@ -287,17 +369,9 @@ export async function runS3Bench(o: S3BenchOptions, log: (line: string) => void 
     const data = crypto.randomBytes(o.size);
     fs.writeFileSync(file, data);
     const results = S3_WORKLOADS.filter((w) => w !== 'seq-write-fua').map((w) => ({ workload: w, unit: w.startsWith('seq') ? ('MiB/s' as const) : ('IOPS' as const), blockgate: [] as number[], raw: [] as number[] }));
-    // An untimed pass first: a fresh cluster is slower on its first requests (radosgw's
-    // caches, the OSD's first writes), and that must not count against whichever is first.
-    await rawRun(cluster, { ...o, size: Math.min(o.size, 128 * MiB), seconds: 3 }, -1, data);
+    await warmUp(cluster, o, data);
     for (let run = 0; run < o.runs; run++) {
-      const raw = await rawRun(cluster, o, run, data);
-      const bg: Record<S3Workload, number> = {
-        ...(await blockgateRun(cluster, o, file, dir)),
-        'seq-write-acked': await deviceSeqWrite(cluster, o, 'acked', 0, data),
-        'seq-write-fua': await deviceSeqWrite(cluster, o, 'fua', REQ.FUA, data),
-      };
-      raw['seq-write-acked'] = bg['seq-write-fua'];
+      const { raw, bg } = await oneRun(cluster, o, file, data, dir);
       for (const r of results) {
         r.raw.push(raw[r.workload]);
         r.blockgate.push(bg[r.workload]);
@@ -328,7 +402,7 @@ export function renderS3Table(results: readonly S3BenchResult[], o: S3BenchOptio
   if (d) {
     lines.push(
       '',
-      `The durability choice (in this process, on the device: ${DURABILITY_WRITE / 1024} KiB sequential writes, ${S3_MAX_INFLIGHT} in flight, ended by a FLUSH):`,
+      `The durability choice (in this process, on the device: ${DURABILITY_WRITE / 1024} KiB sequential writes, ${DURABILITY_DEPTH} in flight, ended by a FLUSH):`,
       '',
       '| writes acknowledged | MiB/s | ratio |',
       '|---|---|---|',

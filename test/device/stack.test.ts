@@ -165,4 +165,25 @@ describe('stack context', () => {
     assert.ok(seen.every((c) => c === seen[0] && c.errseq === ctx.errseq));
     await dev.close();
   });
+
+  test('the context says readOnly when a readonly filter is in the stack or the caller says so, and only then', async () => {
+    const seen: (boolean | undefined)[] = [];
+    const registry: StackRegistry = {
+      backends: new Map<string, BackendFactory>([
+        [
+          'memory',
+          (desc, ctx) => {
+            seen.push(ctx.readOnly);
+            return BACKENDS.get('memory')!(desc, ctx);
+          },
+        ],
+      ]),
+      filters: FILTERS,
+    };
+    const backend = { type: 'memory', size: '1M' };
+    await (await buildStack({ backend, filters: [{ type: 'writeback' }] }, registry)).close();
+    await (await buildStack({ backend, filters: [{ type: 'writeback' }, { type: 'readonly' }] }, registry)).close();
+    await (await buildStack({ backend }, registry, { ...newStackContext(), readOnly: true })).close();
+    assert.deepEqual(seen, [undefined, true, true]);
+  });
 });

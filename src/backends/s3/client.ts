@@ -17,7 +17,7 @@ import https from 'node:https';
 import type net from 'node:net';
 import { createRequire } from 'node:module';
 import type * as S3 from '@aws-sdk/client-s3';
-import { BlockError, type ErrnoCode } from '../../errors/index.js';
+import { BlockError, isBlockError, type ErrnoCode } from '../../errors/index.js';
 import { Deque } from '../../io/deque.js';
 import type { S3Options } from './settings.js';
 
@@ -34,6 +34,9 @@ export const S3_MAX_INFLIGHT = 32;
  * failing to about 3 x the request timeout.
  */
 export const S3_MAX_ATTEMPTS = 3;
+
+/** Requests in flight of the lease's own store: 2 (a renewal, and a read of the lease beside it). */
+export const S3_LEASE_INFLIGHT = 2;
 
 /** Keep-alive sockets idle longer than this are closed by the agent: 30 s. */
 export const S3_SOCKET_IDLE_MS = 30_000;
@@ -146,13 +149,19 @@ export class S3Store {
   readonly #client: S3.S3Client;
   readonly #sdk: typeof S3;
   readonly #agent: http.Agent;
-  readonly #slots = new Slots(S3_MAX_INFLIGHT);
+  readonly #slots: Slots;
 
-  constructor(o: S3Options) {
+  /**
+   * `maxInflight` bounds the requests in flight and the agent's sockets. The lease has a
+   * store of its own (S3_LEASE_INFLIGHT): its renewal must never wait behind a queue of
+   * data uploads, or a busy writer would lose its lease to its own traffic.
+   */
+  constructor(o: S3Options, maxInflight: number = S3_MAX_INFLIGHT) {
     this.#sdk = loadS3Sdk();
+    this.#slots = new Slots(maxInflight);
     this.bucket = o.bucket;
     this.endpoint = o.endpoint ?? 'AWS';
-    const agentOptions = { keepAlive: true, keepAliveMsecs: 1000, maxSockets: S3_MAX_INFLIGHT, timeout: S3_SOCKET_IDLE_MS };
+    const agentOptions = { keepAlive: true, keepAliveMsecs: 1000, maxSockets: maxInflight, timeout: S3_SOCKET_IDLE_MS };
     const tls = o.endpoint === undefined || o.endpoint.startsWith('https:');
     this.#agent = tls ? new NoDelayHttpsAgent(agentOptions) : new NoDelayHttpAgent(agentOptions);
     this.#client = new this.#sdk.S3Client({
@@ -174,11 +183,18 @@ export class S3Store {
     });
   }
 
-  async #run<T>(op: string, key: string, f: () => Promise<T>): Promise<T> {
+  /**
+   * Runs one request in a slot. `guard` is called once the slot is taken, just before the
+   * request is sent, and may throw to cancel it (the writer's lease check: a request
+   * that waited in the queue is checked when it goes out, not when it was queued).
+   */
+  async #run<T>(op: string, key: string, f: () => Promise<T>, guard?: () => void): Promise<T> {
     await this.#slots.take();
     try {
+      guard?.();
       return await f();
     } catch (e) {
+      if (isBlockError(e)) throw e;
       throw s3Error(op, this.bucket, key, e);
     } finally {
       this.#slots.give();
@@ -212,7 +228,7 @@ export class S3Store {
   }
 
   /** PUT `body` at `key`; conditions as S3's If-None-Match / If-Match. Returns the ETag. */
-  async put(key: string, body: Buffer | string, cond: { ifNoneMatch?: '*'; ifMatch?: string } = {}): Promise<string> {
+  async put(key: string, body: Buffer | string, cond: { ifNoneMatch?: '*'; ifMatch?: string } = {}, guard?: () => void): Promise<string> {
     return this.#run('PUT', key, async () => {
       const out = await this.#client.send(
         new this.#sdk.PutObjectCommand({
@@ -225,14 +241,14 @@ export class S3Store {
         }),
       );
       return out.ETag ?? '';
-    });
+    }, guard);
   }
 
   /** DELETE `key` (S3 answers success for a key that is not there). */
-  async delete(key: string): Promise<void> {
+  async delete(key: string, guard?: () => void): Promise<void> {
     await this.#run('DELETE', key, async () => {
       await this.#client.send(new this.#sdk.DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
-    });
+    }, guard);
   }
 
   /** The object's text and ETag, or null if it does not exist. */

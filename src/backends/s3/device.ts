@@ -51,7 +51,7 @@ import { formatSize } from '../../device/size.js';
 import { EXTENT, MAX_DEVICE_SIZE, REQ, type BlockDevice, type BlockSize, type Capabilities, type Extent } from '../../device/types.js';
 import { MAX_IO_SIZE, closedError, readOnlyError } from '../../device/defaults.js';
 import { Deque } from '../../io/deque.js';
-import { S3Store, isNoSuchBucket } from './client.js';
+import { S3Store, S3_LEASE_INFLIGHT, isNoSuchBucket } from './client.js';
 import { S3Lease } from './lease.js';
 import { S3_DEFAULT_CHUNK_SIZE, S3_MAX_CHUNK_SIZE, S3_MIN_CHUNK_SIZE, chunkKey, s3Key, type S3Options } from './settings.js';
 
@@ -192,6 +192,8 @@ export class S3Device implements BlockDevice {
   readonly where: string;
 
   readonly #store: S3Store;
+  /** The lease's own connection (S3Store's constructor says why). */
+  readonly #leaseStore: S3Store | null;
   readonly #prefix: string;
   readonly #lease: S3Lease | null;
   readonly #errseq: ErrSeq;
@@ -205,8 +207,9 @@ export class S3Device implements BlockDevice {
   #closed = false;
   #zeroChunk: Buffer | null = null;
 
-  private constructor(store: S3Store, o: S3DeviceOptions, meta: S3Meta, lease: S3Lease | null, present: Set<number>) {
+  private constructor(store: S3Store, leaseStore: S3Store | null, o: S3DeviceOptions, meta: S3Meta, lease: S3Lease | null, present: Set<number>) {
     this.#store = store;
+    this.#leaseStore = leaseStore;
     this.#prefix = o.prefix;
     this.#lease = lease;
     this.#errseq = o.errseq;
@@ -237,6 +240,7 @@ export class S3Device implements BlockDevice {
   /** Opens (and with `size`, creates if missing) the export; a writer takes the lease. */
   static async open(o: S3DeviceOptions): Promise<S3Device> {
     const store = new S3Store(o);
+    const leaseStore = o.readonly ? null : new S3Store(o, S3_LEASE_INFLIGHT);
     const where = `s3://${o.bucket}/${o.prefix}`;
     let lease: S3Lease | null = null;
     try {
@@ -256,7 +260,7 @@ export class S3Device implements BlockDevice {
       const onLost = (e: BlockError): void => {
         if (device !== null) device.#leaseLost(e);
       };
-      if (!o.readonly) lease = await S3Lease.acquire(store, s3Key(o.prefix, 'lease'), where, onLost);
+      if (leaseStore !== null) lease = await S3Lease.acquire(leaseStore, s3Key(o.prefix, 'lease'), where, onLost);
       let meta: S3Meta;
       if (current === null) {
         meta = (await createS3Meta(store, o.prefix, o.size!, o.chunkSize ?? S3_DEFAULT_CHUNK_SIZE, where)).meta;
@@ -271,11 +275,12 @@ export class S3Device implements BlockDevice {
         throw new BlockError('EINVAL', `${where}: chunkSize: the export has chunks of ${meta.chunkSize} bytes (meta.json), the settings say ${o.chunkSize}`);
       }
       const present = await listChunks(store, o.prefix);
-      device = new S3Device(store, o, meta, lease, present);
+      device = new S3Device(store, leaseStore, o, meta, lease, present);
       return device;
     } catch (e) {
       await lease?.release().catch(() => undefined);
       store.close();
+      leaseStore?.close();
       throw e;
     }
   }
@@ -287,6 +292,19 @@ export class S3Device implements BlockDevice {
 
   #chunkLength(index: number): number {
     return Math.min(this.chunkSize, this.size - index * this.chunkSize);
+  }
+
+  /** The range [offset, offset + length) cut at chunk boundaries: chunk, offset in it, bytes before it, length. */
+  *#pieces(offset: number, length: number): Generator<{ index: number; at: number; done: number; n: number }> {
+    let done = 0;
+    while (done < length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / this.chunkSize);
+      const at = pos - index * this.chunkSize;
+      const n = Math.min(this.chunkSize - at, length - done);
+      yield { index, at, done, n };
+      done += n;
+    }
   }
 
   #check(op: string): void {
@@ -303,17 +321,7 @@ export class S3Device implements BlockDevice {
 
   async read(buf: Buffer, offset: number, _flags: number): Promise<void> {
     this.#check('read');
-    const pieces: Promise<void>[] = [];
-    let done = 0;
-    while (done < buf.length) {
-      const pos = offset + done;
-      const index = Math.floor(pos / this.chunkSize);
-      const at = pos - index * this.chunkSize;
-      const n = Math.min(this.chunkSize - at, buf.length - done);
-      pieces.push(this.#readPiece(index, at, buf.subarray(done, done + n)));
-      done += n;
-    }
-    await Promise.all(pieces);
+    await Promise.all([...this.#pieces(offset, buf.length)].map((p) => this.#readPiece(p.index, p.at, buf.subarray(p.done, p.done + p.n))));
   }
 
   async #readPiece(index: number, at: number, dst: Buffer): Promise<void> {
@@ -371,15 +379,7 @@ export class S3Device implements BlockDevice {
   async write(data: Buffer, offset: number, flags: number): Promise<void> {
     this.#checkWritable('write');
     const touched: Entry[] = [];
-    let done = 0;
-    while (done < data.length) {
-      const pos = offset + done;
-      const index = Math.floor(pos / this.chunkSize);
-      const at = pos - index * this.chunkSize;
-      const n = Math.min(this.chunkSize - at, data.length - done);
-      touched.push(await this.#writePiece(index, at, data.subarray(done, done + n)));
-      done += n;
-    }
+    for (const p of this.#pieces(offset, data.length)) touched.push(await this.#writePiece(p.index, p.at, data.subarray(p.done, p.done + p.n)));
     if (flags & REQ.FUA) await this.#syncOrThrow(touched);
   }
 
@@ -502,17 +502,20 @@ export class S3Device implements BlockDevice {
     let body: Buffer | null = null;
     try {
       if (!e.full) await this.#fill(e);
-      if (this.#lease !== null && !this.#lease.valid) throw this.#lease.invalidError;
       gen = e.gen;
       body = e.data;
       e.fresh = [];
       const key = chunkKey(this.#prefix, e.index);
+      // Checked when the request leaves the queue, so it goes out inside the lease's margin.
+      const guard = (): void => {
+        if (this.#lease !== null && !this.#lease.valid) throw this.#lease.invalidError;
+      };
       if (body === null) {
-        await this.#store.delete(key);
+        await this.#store.delete(key, guard);
         this.#present.delete(e.index);
       } else {
         e.lent = true;
-        await this.#store.put(key, body);
+        await this.#store.put(key, body, {}, guard);
         this.#present.add(e.index);
       }
       e.durableGen = Math.max(e.durableGen, gen);
@@ -595,21 +598,14 @@ export class S3Device implements BlockDevice {
    */
   async zero(offset: number, length: number, flags: number): Promise<void> {
     this.#checkWritable('zero');
-    const end = offset + length;
     const touched: Entry[] = [];
-    let pos = offset;
-    while (pos < end) {
-      const index = Math.floor(pos / this.chunkSize);
-      const at = pos - index * this.chunkSize;
-      const chunkLen = this.#chunkLength(index);
-      const n = Math.min(chunkLen - at, end - pos);
-      if (at === 0 && n === chunkLen) {
+    for (const { index, at, n } of this.#pieces(offset, length)) {
+      if (at === 0 && n === this.#chunkLength(index)) {
         const e = await this.#discard(index);
         if (e) touched.push(e);
       } else {
         touched.push(await this.#writePiece(index, at, this.#zeroes(n)));
       }
-      pos += n;
     }
     if (flags & REQ.FUA) await this.#syncOrThrow(touched);
   }
@@ -696,6 +692,7 @@ export class S3Device implements BlockDevice {
       await this.#lease?.release();
     } finally {
       this.#store.close();
+      this.#leaseStore?.close();
     }
     if (failed.length > 0) {
       throw new BlockError(failed[0]!.code, `${this.where}: ${failed.length} chunk(s) could not be uploaded at close; writes acknowledged since the last good flush are lost: ${failed[0]!.message}`, { cause: failed[0] });
