@@ -12,8 +12,7 @@
  * (docs/S3.md). The agent allows S3_MAX_INFLIGHT sockets, the same bound as the
  * requests this module lets run at once, so a request never waits for a socket.
  */
-import http from 'node:http';
-import https from 'node:https';
+import type http from 'node:http';
 import type net from 'node:net';
 import { createRequire } from 'node:module';
 import type * as S3 from '@aws-sdk/client-s3';
@@ -41,23 +40,22 @@ export const S3_LEASE_INFLIGHT = 2;
 /** Keep-alive sockets idle longer than this are closed by the agent: 30 s. */
 export const S3_SOCKET_IDLE_MS = 30_000;
 
-/** An http.Agent whose sockets have Nagle's algorithm off (see the module comment). */
-class NoDelayHttpAgent extends http.Agent {
-  override createConnection(options: net.NetConnectOpts, cb?: (err: Error | null, socket: net.Socket) => void): net.Socket {
-    // @ts-expect-error createConnection is on the Agent prototype but missing from @types/node's class.
-    const socket = super.createConnection(options, cb) as net.Socket;
-    socket.setNoDelay(true);
-    return socket;
+/**
+ * A keep-alive agent whose sockets have Nagle's algorithm off (see the module comment).
+ * node:http and node:https are required here, when an s3 export opens, not at import:
+ * `serve` imports every backend module, and those two cost start-up time to no other.
+ */
+function noDelayAgent(tls: boolean, options: http.AgentOptions): http.Agent {
+  const { Agent } = createRequire(import.meta.url)(tls ? 'node:https' : 'node:http') as typeof http;
+  class NoDelayAgent extends Agent {
+    override createConnection(opts: net.NetConnectOpts, cb?: (err: Error | null, socket: net.Socket) => void): net.Socket {
+      // @ts-expect-error createConnection is on the Agent prototype but missing from @types/node's class.
+      const socket = super.createConnection(opts, cb) as net.Socket;
+      socket.setNoDelay(true);
+      return socket;
+    }
   }
-}
-
-class NoDelayHttpsAgent extends https.Agent {
-  override createConnection(options: net.NetConnectOpts, cb?: (err: Error | null, socket: net.Socket) => void): net.Socket {
-    // @ts-expect-error as above
-    const socket = super.createConnection(options, cb) as net.Socket;
-    socket.setNoDelay(true);
-    return socket;
-  }
+  return new NoDelayAgent(options);
 }
 
 let sdk: typeof S3 | undefined;
@@ -163,7 +161,7 @@ export class S3Store {
     this.endpoint = o.endpoint ?? 'AWS';
     const agentOptions = { keepAlive: true, keepAliveMsecs: 1000, maxSockets: maxInflight, timeout: S3_SOCKET_IDLE_MS };
     const tls = o.endpoint === undefined || o.endpoint.startsWith('https:');
-    this.#agent = tls ? new NoDelayHttpsAgent(agentOptions) : new NoDelayHttpAgent(agentOptions);
+    this.#agent = noDelayAgent(tls, agentOptions);
     this.#client = new this.#sdk.S3Client({
       region: o.region,
       forcePathStyle: o.forcePathStyle,
