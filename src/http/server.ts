@@ -9,7 +9,8 @@
  * MAX_EVENT_BACKLOG bytes wait for it, request headers must arrive within
  * HEADERS_TIMEOUT_MS, and request bodies are never read.
  */
-import http from 'node:http';
+import type http from 'node:http';
+import { createRequire } from 'node:module';
 import type { AddressInfo } from 'node:net';
 import type { HttpAddress } from './address.js';
 
@@ -59,7 +60,9 @@ export class HttpServer {
     this.#routes = opts.routes;
     this.#events = opts.events;
     this.#onError = opts.onError ?? (() => undefined);
-    this.#server = http.createServer({ headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: HEADERS_TIMEOUT_MS }, (req, res) => this.#handle(req, res));
+    // node:http is required here, not imported: `serve` without --http must not load it (start-up).
+    const { createServer } = createRequire(import.meta.url)('node:http') as typeof http;
+    this.#server = createServer({ headersTimeout: HEADERS_TIMEOUT_MS, requestTimeout: HEADERS_TIMEOUT_MS }, (req, res) => this.#handle(req, res));
   }
 
   /** Event-stream clients connected now. */
