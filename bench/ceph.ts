@@ -24,7 +24,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { V8_FLAGS } from '../src/cli/v8-flags.js';
-import { freePort, median, processCpuSeconds, stopServer, waitForPort } from './util.js';
+import { freePort, median, must, processCpuSeconds, stopServer, waitForPort } from './util.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -55,23 +55,6 @@ interface Cluster {
   readonly dir: string;
   readonly conf: string;
   readonly pool: string;
-}
-
-function sh(cmd: string, args: readonly string[], timeoutMs = 600_000, env: NodeJS.ProcessEnv = {}): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { env: { ...process.env, PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    c.stderr.on('data', (b: Buffer) => (err = (err + b.toString()).slice(-4000)));
-    const t = setTimeout(() => c.kill('SIGKILL'), timeoutMs);
-    c.on('error', reject);
-    c.on('close', (code, signal) => {
-      clearTimeout(t);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code ?? signal}: ${err}`));
-    });
-  });
 }
 
 let clkTck = 100;
@@ -118,12 +101,12 @@ async function measure(r: Running, w: Workload, mode: CephMode, data: string, tm
   if (w.startsWith('seq-')) {
     const t0 = process.hrtime.bigint();
     const [src, dst] = w === 'seq-write' ? [data, r.uri] : [r.uri, 'null:'];
-    await sh('nbdcopy', ['--no-extents', '-C', '1', '-R', '16', '--request-size=262144', src, dst]);
+    await must('nbdcopy', ['--no-extents', '-C', '1', '-R', '16', '--request-size=262144', src, dst]);
     value = mode.size / MiB / (Number(process.hrtime.bigint() - t0) / 1e9);
   } else {
     const out = path.join(tmp, 'fio.json');
     const read = w === 'rand-read-qd32';
-    await sh('fio', [
+    await must('fio', [
       '--name=bench', '--ioengine=nbd', `--uri=${r.uri}`, `--rw=${read ? 'randread' : 'randwrite'}`, '--bs=4k', '--iodepth=32',
       `--size=${mode.size}`, '--time_based', `--runtime=${mode.fioSeconds}`, '--randrepeat=1', '--output-format=json', `--output=${out}`,
     ]);
@@ -169,9 +152,9 @@ export function renderCephTable(figs: readonly CephFigure[], mode: CephMode): st
 
 async function startCluster(tmp: string): Promise<Cluster> {
   const dir = path.join(tmp, 'cluster');
-  const out = await sh('bash', [path.join(ROOT, 'test/cluster/ceph-up.sh'), dir], 300_000, {
-    CEPH_BASE_PORT: String(CEPH_BASE_PORT),
-    CEPH_RGW: '0',
+  const out = await must('bash', [path.join(ROOT, 'test/cluster/ceph-up.sh'), dir], {
+    timeoutMs: 300_000,
+    env: { CEPH_BASE_PORT: String(CEPH_BASE_PORT), CEPH_RGW: '0' },
   });
   const vars = new Map([...out.matchAll(/^([A-Z0-9_]+)=(.*)$/gm)].map((m) => [m[1]!, m[2]!]));
   return { dir, conf: vars.get('CEPH_CONF')!, pool: vars.get('CEPH_POOL')! };
@@ -181,18 +164,18 @@ async function startCluster(tmp: string): Promise<Cluster> {
 export async function cephBench(argv: readonly string[], jsonOut: string): Promise<void> {
   const mode = MODES[argv.includes('--quick') ? 'quick' : 'full'];
   for (const tool of ['qemu-nbd', 'nbdcopy', 'fio', 'rbd', 'ceph-osd']) {
-    await sh('which', [tool]).catch(() => {
+    await must('which', [tool]).catch(() => {
       throw new Error(`${tool} is not installed (apt-get install qemu-utils qemu-block-extra libnbd-bin fio ceph-common ceph-mon ceph-osd ceph-mgr)`);
     });
   }
-  clkTck = Number((await sh('getconf', ['CLK_TCK'])).trim()) || 100;
+  clkTck = Number((await must('getconf', ['CLK_TCK'])).trim()) || 100;
   const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
   const tmp = fs.mkdtempSync(path.join(shm, 'blockgate-bench-ceph-'));
   let current: Running | null = null;
   let cluster: Cluster | null = null;
   const cleanup = async (): Promise<void> => {
     current?.child.kill('SIGKILL');
-    if (cluster) await sh('bash', [path.join(ROOT, 'test/cluster/ceph-down.sh'), cluster.dir], 60_000).catch(() => undefined);
+    if (cluster) await must('bash', [path.join(ROOT, 'test/cluster/ceph-down.sh'), cluster.dir], { timeoutMs: 60_000 }).catch(() => undefined);
     fs.rmSync(tmp, { recursive: true, force: true });
   };
   process.on('SIGINT', () => {
@@ -204,7 +187,7 @@ export async function cephBench(argv: readonly string[], jsonOut: string): Promi
     cluster = await startCluster(tmp);
     const data = path.join(tmp, 'data.img');
     fs.writeFileSync(data, crypto.randomBytes(mode.size));
-    await sh('rbd', ['-c', cluster.conf, 'import', data, `${cluster.pool}/${IMAGE}`]);
+    await must('rbd', ['-c', cluster.conf, 'import', data, `${cluster.pool}/${IMAGE}`]);
     for (const s of SERVERS) {
       current = await startServer(s, cluster);
       for (const w of WORKLOADS) {

@@ -36,6 +36,7 @@ import { S3Device, S3Store, S3_MAX_INFLIGHT, S3_DEFAULT_CHUNK_SIZE, resolveS3Set
 import { REQ } from '../src/device/index.js';
 import { ErrSeq } from '../src/errseq/index.js';
 import { startCephCluster, type CephCluster } from '../test/helpers/ceph.js';
+import { fmt, median, must } from './util.js';
 
 const ROOT = path.resolve(import.meta.dirname, '..');
 const PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
@@ -72,32 +73,6 @@ export interface S3BenchResult {
   readonly unit: 'MiB/s' | 'IOPS';
   readonly blockgate: number[];
   readonly raw: number[];
-}
-
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-}
-
-function fmt(n: number, digits = 0): string {
-  return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
-}
-
-function must(cmd: string, args: readonly string[], env: NodeJS.ProcessEnv = {}): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(cmd, args, { env: { ...process.env, PATH, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    c.stdout.on('data', (b: Buffer) => (out += b.toString()));
-    c.stderr.on('data', (b: Buffer) => (err = (err + b.toString()).slice(-4000)));
-    const t = setTimeout(() => c.kill('SIGKILL'), 900_000);
-    c.on('close', (code, signal) => {
-      clearTimeout(t);
-      if (code === 0) resolve(out);
-      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code ?? signal}: ${err}`));
-    });
-  });
 }
 
 /**

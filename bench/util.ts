@@ -1,5 +1,5 @@
-/** Helpers the benches share (bench/run.ts, bench/ceph.ts): ports, server processes, CPU, medians. */
-import type { ChildProcess } from 'node:child_process';
+/** Helpers the benches share (bench/run.ts, bench/ceph.ts, bench/s3.ts): tools run to completion, ports, server processes, CPU, medians. */
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 
@@ -55,4 +55,36 @@ export function median(xs: readonly number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+/** PATH for Debian's tools: /usr/bin and /bin before anything else. */
+export const DEBIAN_PATH = `/usr/bin:/bin:/usr/sbin:/sbin:${process.env.PATH ?? ''}`;
+
+/** Bound on one tool run of a bench (a cluster start, a copy, a fio phase). */
+export const TOOL_TIMEOUT_MS = 900_000;
+
+/**
+ * Runs a tool to completion with Debian's tools first in PATH (and `env` added); resolves
+ * with its standard output, rejects with the end of its standard error unless it exits 0.
+ * Killed after `timeoutMs`.
+ */
+export function must(cmd: string, args: readonly string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const c = spawn(cmd, args, { env: { ...process.env, PATH: DEBIAN_PATH, ...opts.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    c.stdout.on('data', (b: Buffer) => (out += b.toString()));
+    c.stderr.on('data', (b: Buffer) => (err = (err + b.toString()).slice(-4000)));
+    const t = setTimeout(() => c.kill('SIGKILL'), opts.timeoutMs ?? TOOL_TIMEOUT_MS);
+    c.on('error', reject);
+    c.on('close', (code, signal) => {
+      clearTimeout(t);
+      if (code === 0) resolve(out);
+      else reject(new Error(`${cmd} ${args.join(' ')} exited ${code ?? signal}: ${err}`));
+    });
+  });
+}
+
+export function fmt(n: number, digits = 0): string {
+  return n.toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 }

@@ -34,7 +34,7 @@
 import { BlockError, codeFromLinux, linuxErrno, type ErrnoCode } from '../../errors/index.js';
 import { formatSize } from '../../device/size.js';
 import { REQ, EXTENT, type BlockDevice, type Capabilities, type Extent } from '../../device/types.js';
-import { DEFAULT_BLOCK_SIZE, closedError, readOnlyCapabilities, readOnlyError } from '../../device/defaults.js';
+import { DEFAULT_BLOCK_SIZE, FULL_CAPABILITIES, closedError, readOnlyCapabilities, readOnlyError } from '../../device/defaults.js';
 import { Deque } from '../../io/deque.js';
 import { EVENT_TYPE_EVENTFD, loadLibrbd, type Handle, type Librbd } from './librbd.js';
 
@@ -199,17 +199,8 @@ export async function createImage(client: RadosClient, pool: string, image: stri
   }
 }
 
-const CAPABILITIES: Capabilities = Object.freeze({
-  write: true,
-  flush: true,
-  fua: true,
-  trim: true,
-  zero: true,
-  fastZero: true,
-  extents: true,
-  cache: false,
-  multiConn: true,
-});
+/** Everything but NBD_CMD_CACHE, which this backend does not offer (no prefetch into librbd is wired up). */
+const CAPABILITIES: Capabilities = Object.freeze({ ...FULL_CAPABILITIES, cache: false });
 
 /** An open RBD image. */
 export class RbdDevice implements BlockDevice {
