@@ -53,11 +53,6 @@ export function createLogger(opts: LoggerOptions): Logger {
   return pino({ level: opts.level, base: { pid: process.pid } }, dest);
 }
 
-/** A JSON logger on stderr (the format tests and scripts read). */
-export function stderrLogger(level: string): Logger {
-  return createLogger({ level, format: 'json' });
-}
-
 /** The signals that stop a long-running command gracefully unless it asks for others. */
 export const SHUTDOWN_SIGNALS: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM'];
 

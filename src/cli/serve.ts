@@ -372,23 +372,7 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
     bound.push({ addr, tls: uriTls });
     log.info({ uri: nbdUri(addr, defaultName, uriTls), tls: uriTls.mode, exports: exports.map((e) => e.name), ...('fd' in target ? { fd: target.fd, fdName: name } : {}) }, 'listening');
   }
-  await obs.start({ server, control: ctl }).catch(async (e: unknown) => {
-    // A busy --http port: nothing may keep running.
-    await server.close();
-    await ctl?.close();
-    await Promise.all(exports.map((x) => x.device.close().catch(() => undefined)));
-    throw e;
-  });
-  const missing = missingV8Flags();
-  if (missing.length > 0) {
-    log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
-  }
-  // Installed before the URI is printed, so whoever waits for the URI can signal at once.
-  const stopSignal = flags.run ? undefined : shutdownSignal(log, { signals: SERVE_STOP_SIGNALS, exitWithParent: flags.exitWithParent === true });
-  const removePidFile = flags.pidfile ? writePidFile(flags.pidfile) : undefined;
-  if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls)}\n`);
-  if (!flags.run) notifyReady(log, { uris: bound.map((b) => nbdUri(b.addr, defaultName, b.tls)) });
-
+  let removePidFile: (() => void) | undefined;
   const stop = async (): Promise<void> => {
     await obs.close();
     await server.close();
@@ -397,6 +381,21 @@ async function serve(specs: string[], flags: ServeFlags, given: GivenFlags): Pro
     if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
     removePidFile?.();
   };
+  await obs.start({ server, control: ctl }).catch(async (e: unknown) => {
+    // A busy --http port: nothing may keep running.
+    await stop();
+    throw e;
+  });
+  const missing = missingV8Flags();
+  if (missing.length > 0) {
+    log.info({ missing }, 'started without the V8 flags of the blockgate command: sequential writes are slower (docs/PERFORMANCE.md)');
+  }
+  // Installed before the URI is printed, so whoever waits for the URI can signal at once.
+  const stopSignal = flags.run ? undefined : shutdownSignal(log, { signals: SERVE_STOP_SIGNALS, exitWithParent: flags.exitWithParent === true });
+  if (flags.pidfile) removePidFile = writePidFile(flags.pidfile);
+  if (flags.printUri) process.stdout.write(`${nbdUri(bound[0]!.addr, defaultName, bound[0]!.tls)}\n`);
+  if (!flags.run) notifyReady(log, { uris: bound.map((b) => nbdUri(b.addr, defaultName, b.tls)) });
+
 
   if (flags.run) {
     const env = { ...process.env, ...captiveEnv(bound[0]!.addr, defaultName, bound[0]!.tls) };

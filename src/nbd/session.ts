@@ -141,7 +141,6 @@ export interface SessionOptions {
   readonly listener?: string;
 }
 
-
 let nextSessionId = 1;
 
 export class NbdSession implements ExportSession {

@@ -15,6 +15,14 @@ export const PY_ERRNO_OF = `def errno_of(f):
         return e.errno or 'error'
     return None`;
 
+/** Python: flush(name, c) flushes handle c and prints `NAME flush OK` or `NAME flush ERRNO` (a failed FLUSH is the expected outcome in the errseq scripts). */
+export const PY_FLUSH = `def flush(name, c):
+    try:
+        c.flush()
+        print(name, 'flush OK')
+    except nbd.Error as e:
+        print(name, 'flush', e.errno)`;
+
 /** Python: pattern(off, n), the n bytes at off of the pattern backend (each 8-byte word holds its offset). Needs struct. */
 export const PY_PATTERN = `def pattern(off, n):
     start = off - off % 8

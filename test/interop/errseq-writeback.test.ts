@@ -22,6 +22,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { PY_FLUSH } from '../helpers/nbdsh-script.js';
 import { nbdsh, run, type RunResult } from '../helpers/run.js';
 import { startServer, type CaptiveServer, type TestExport } from '../helpers/server.js';
 import type { LayerDescription } from '../../src/device/stack.js';
@@ -52,12 +53,7 @@ def conn():
     c = nbd.NBD()
     c.connect_uri(uri)
     return c
-def flush(name, c):
-    try:
-        c.flush()
-        print(name, 'flush OK')
-    except nbd.Error as e:
-        print(name, 'flush', e.errno)
+${PY_FLUSH}
 def pwrite(name, c, data, off, flags=0):
     try:
         c.pwrite(data, off, flags)

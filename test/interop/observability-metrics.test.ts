@@ -15,6 +15,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { ChildSet, blockgateOk, type Child } from '../helpers/children.js';
+import { PY_FLUSH } from '../helpers/nbdsh-script.js';
 import { nbdsh, runOk } from '../helpers/run.js';
 import { scrape, valueOf } from '../helpers/prometheus.js';
 
@@ -119,12 +120,7 @@ def scrape(tag):
         m = re.search('^' + name + r'\\{export="wb"\\} (\\S+)$', text, re.M)
         vals.append(m.group(1) if m else 'missing')
     print(tag, *vals)
-def flush(name, c):
-    try:
-        c.flush()
-        print(name, 'flush OK')
-    except nbd.Error as e:
-        print(name, 'flush', e.errno)
+${PY_FLUSH}
 h.connect_uri(${JSON.stringify(uri('wb'))})
 h2 = nbd.NBD()
 h2.connect_uri(${JSON.stringify(uri('wb'))})
