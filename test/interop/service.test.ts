@@ -298,6 +298,21 @@ describe('service basics', () => {
     assert.equal(await srv.exited(), 0);
   });
 
+  test('a busy --http port stops serve with the reason, leaving no socket behind', async () => {
+    const sock = path.join(tmp, 'busy-http.sock');
+    const holder = net.createServer();
+    await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+    try {
+      const port = (holder.address() as net.AddressInfo).port;
+      const r = await blockgateRun(['serve', '--no-control', '-U', sock, '--http', `127.0.0.1:${port}`, 'memory:1M']);
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, /blockgate serve: listen EADDRINUSE/);
+      assert.equal(fs.existsSync(sock), false);
+    } finally {
+      await new Promise((resolve) => holder.close(resolve));
+    }
+  });
+
   test('log formats: json lines by default off a terminal, readable lines with --log-format pretty, to a file with --log-file', async () => {
     const json = await blockgateRun(['serve', '--no-control', '-l', 'info', '--run', 'true', 'memory:1M']);
     assert.ok(logLines(json.stderr).some((l) => l.msg === 'listening'), json.stderr);
